@@ -1,0 +1,529 @@
+"""Composite: register LRP rules on any ``nn.Module``, reversibly.
+
+A :class:`Composite` maps modules (by class, name, name pattern or predicate)
+to :mod:`~lxt_explicit.rules` and torch functions (by op name, see
+:data:`~lxt_explicit.oprules.OP_GROUPS`) to :mod:`~lxt_explicit.oprules`.
+``register(model)`` applies them to the model instance as it is; no class,
+file or registry is changed:
+
+* every module gets an instance-level ``forward`` that applies its rule (if
+  it has one) and keeps track of the module being run;
+* while the model runs, a :class:`torch.overrides.TorchFunctionMode` hands
+  each torch function call whose operands carry relevance to its op rule;
+* the model's parameters are constants of the explanation: their
+  ``requires_grad`` is switched off, and a tensor carries relevance exactly
+  when it requires a gradient.
+
+``remove()`` deletes the instance attributes and restores ``requires_grad``,
+leaving module types, the module tree, parameters, state-dict keys and hooks
+as they were.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .oprules import OP_GROUPS, RELEVANCE_NEUTRAL, OpRule, op_name
+from .rules import Rule
+
+__all__ = [
+    "Composite",
+    "RelevanceSource",
+    "UnhandledOperationError",
+    "CoverageWarning",
+    "CompositeObserver",
+]
+
+
+class UnhandledOperationError(RuntimeError):
+    """An operation on the relevance path has no rule (raised in strict mode)."""
+
+
+class CoverageWarning(UserWarning):
+    """An operation on the relevance path has no rule; its relevance is the plain gradient."""
+
+
+class RelevanceSource(Rule):
+    """Mark a module's output as an input of the explanation.
+
+    The output is returned as a new leaf tensor that requires a gradient, so
+    relevance is collected there: after the backward pass
+    :meth:`Composite.source_relevance` returns it.  Embedding layers are the
+    usual sources: token, position and token-type embeddings.
+    """
+
+    def __call__(self, fn: Callable, *inputs, **kwargs):
+        output = fn(*inputs, **kwargs)
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.is_floating_point():
+            output = output.detach().requires_grad_()
+        return output
+
+
+class CompositeObserver:
+    """Receives events of a registered Composite during the forward pass (used by the diagnostics)."""
+
+    def on_forward(self, inputs: dict[str, torch.Tensor]) -> None:
+        """The registered model starts a forward pass; ``inputs`` are its arguments that carry relevance."""
+
+    def on_source(self, name: str, tensor: torch.Tensor) -> None:
+        """A :class:`RelevanceSource` module produced ``tensor``."""
+
+    def on_rule(self, label: str, rule: Any, output: Any) -> None:
+        """A module rule or op rule produced ``output``."""
+
+    def on_op(self, module: str, op: str, status: str, rule: Any) -> None:
+        """An op ran on the relevance path; ``status`` is ``'rule'``, ``'neutral'`` or ``'unhandled'``."""
+
+
+def _matcher(key) -> Callable[[str, nn.Module], bool]:
+    if isinstance(key, type) and issubclass(key, nn.Module):
+        return lambda name, module: isinstance(module, key)
+    if isinstance(key, tuple) and key and all(isinstance(k, type) and issubclass(k, nn.Module) for k in key):
+        return lambda name, module: isinstance(module, key)
+    if isinstance(key, str):
+        if any(ch in key for ch in "*?["):
+            return lambda name, module: fnmatch.fnmatchcase(name, key)
+        return lambda name, module: name == key
+    if isinstance(key, re.Pattern):
+        return lambda name, module: key.fullmatch(name) is not None
+    if callable(key) and not isinstance(key, type):
+        return key
+    raise TypeError(
+        f"unsupported layer-map key {key!r}: use an nn.Module subclass (or a tuple of them), a module name, "
+        "a name pattern (glob string or compiled regular expression), or a predicate (name, module) -> bool"
+    )
+
+
+def _rule_template(key, value):
+    if value is None:
+        return None
+    if isinstance(value, type) and issubclass(value, Rule):
+        return value()
+    if isinstance(value, Rule):
+        return value
+    raise TypeError(
+        f"the rule for layer-map key {key!r} must be a Rule subclass, a configured Rule instance or None; "
+        f"got {value!r}"
+    )
+
+
+def _resolve_ops(ops) -> dict:
+    table: dict[Callable, tuple[str, OpRule]] = {}
+    for key, value in (ops or {}).items():
+        if isinstance(value, type) and issubclass(value, OpRule):
+            value = value()
+        if not isinstance(value, OpRule):
+            raise TypeError(f"the op rule for {key!r} must be an OpRule subclass or instance, got {value!r}")
+        if isinstance(key, str):
+            if key not in OP_GROUPS:
+                raise KeyError(f"unknown op name {key!r}; known op names: {', '.join(sorted(OP_GROUPS))}")
+            for func in OP_GROUPS[key]:
+                table[func] = (key, value)
+        elif callable(key):
+            table[key] = (op_name(key), value)
+        else:
+            raise TypeError(f"op-map keys are op names ({', '.join(sorted(OP_GROUPS))}) or torch functions, got {key!r}")
+    return table
+
+
+def _any_relevant(args, kwargs) -> bool:
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor) and item.requires_grad:
+                    return True
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return True
+    return False
+
+
+def _output_relevant(output) -> bool:
+    if isinstance(output, torch.Tensor):
+        return output.requires_grad
+    if isinstance(output, (list, tuple)):
+        return any(isinstance(o, torch.Tensor) and o.requires_grad for o in output)
+    return False
+
+
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.active = False
+        self.paused = 0
+        self.stack: list[str] = []
+
+
+class _RoutingMode(TorchFunctionMode):
+    """Hands torch function calls on the relevance path to their op rules while a registered model runs."""
+
+    def __init__(self, registration: "_Registration"):
+        super().__init__()
+        self.registration = registration
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        reg = self.registration
+        if reg.state.paused or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        try:
+            entry = reg.ops.get(func)
+        except TypeError:
+            entry = None
+        if entry is not None:
+            if not _any_relevant(args, kwargs):
+                return func(*args, **kwargs)
+            name, rule = entry
+            output = rule(func, args, kwargs)
+            if output is NotImplemented:
+                output = func(*args, **kwargs)
+                reg.unhandled(func, f"no case of {rule!r} covers this call")
+            else:
+                reg.rule_applied(name, func, rule, output)
+            return output
+        output = func(*args, **kwargs)
+        if not _output_relevant(output):
+            return output
+        try:
+            neutral = func in RELEVANCE_NEUTRAL
+        except TypeError:
+            neutral = False
+        if neutral:
+            if reg.composite._observers:
+                reg.notify_op(func, "neutral", None)
+        elif _any_relevant(args, kwargs):
+            reg.unhandled(func, None)
+        return output
+
+
+class _Registration:
+    """Everything one ``Composite.register`` call changed, and the per-call state of the routing."""
+
+    def __init__(self, composite: "Composite", model: nn.Module):
+        self.composite = composite
+        self.model = model
+        self.ops = composite._op_table
+        self.state = _ThreadState()
+        self.mode = _RoutingMode(self)
+        self.wrapped: list[tuple[nn.Module, bool, Any, Callable]] = []
+        self.frozen: list[tuple[nn.Parameter, bool]] = []
+        self.canonizer_handles: list = []
+        self.sources: dict[str, torch.Tensor] = {}
+        self.warned: set = set()
+
+    # -- events -------------------------------------------------------------------
+    def module_name(self) -> str:
+        return self.state.stack[-1] if self.state.stack else ""
+
+    def notify_op(self, func, status, rule):
+        module = self.module_name()
+        for observer in self.composite._observers:
+            observer.on_op(module, op_name(func), status, rule)
+
+    def rule_applied(self, name, func, rule, output):
+        observers = self.composite._observers
+        if observers:
+            module = self.module_name()
+            label = f"{module}:{name}"
+            for observer in observers:
+                observer.on_op(module, op_name(func), "rule", rule)
+                observer.on_rule(label, rule, output)
+
+    def unhandled(self, func, detail):
+        module = self.module_name()
+        name = op_name(func)
+        for observer in self.composite._observers:
+            observer.on_op(module, name, "unhandled", None)
+        module_type = f" ({type(self.model.get_submodule(module)).__name__})" if module else ""
+        message = (
+            f"lxt_explicit: {name} on the relevance path in module '{module or '<root>'}'{module_type} has no LRP "
+            f"rule{f' ({detail})' if detail else ''}; relevance through it is the plain gradient. Give the module "
+            "a rule in the layer map (e.g. IdentityRule for element-wise functions), or the op a rule with "
+            "Composite(..., ops={...})."
+        )
+        if self.composite.strict:
+            raise UnhandledOperationError(message)
+        key = (func, module)
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, CoverageWarning, stacklevel=3)
+
+    # -- module wrappers ----------------------------------------------------------
+    def wrap(self, name: str, module: nn.Module, rule: Rule | None):
+        had_own = "forward" in module.__dict__
+        original = module.__dict__["forward"] if had_own else module.forward
+        state = self.state
+        composite = self.composite
+        is_root = module is self.model
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if not state.active:
+                return self.enter(forward, is_root, args, kwargs)
+            state.stack.append(name)
+            try:
+                if rule is None or state.paused:
+                    return original(*args, **kwargs)
+                state.paused += 1
+                try:
+                    output = rule(original, *args, **kwargs)
+                finally:
+                    state.paused -= 1
+                if isinstance(rule, RelevanceSource):
+                    self.source_created(name, output)
+                elif composite._observers and torch.is_grad_enabled():
+                    for observer in composite._observers:
+                        observer.on_rule(name, rule, output)
+                return output
+            finally:
+                state.stack.pop()
+
+        forward.__lxt_composite__ = composite
+        module.forward = forward
+        self.wrapped.append((module, had_own, original, forward))
+
+    def enter(self, forward, is_root, args, kwargs):
+        state = self.state
+        if is_root:
+            self.sources = {}
+            observers = self.composite._observers
+            if observers and torch.is_grad_enabled():
+                inputs = {f"args[{i}]": a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad}
+                inputs.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad})
+                for observer in observers:
+                    observer.on_forward(inputs)
+        state.active = True
+        try:
+            with self.mode:
+                return forward(*args, **kwargs)
+        finally:
+            state.active = False
+
+    def source_created(self, name, output):
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        key, index = name, 1
+        while key in self.sources:
+            key, index = f"{name}#{index}", index + 1
+        self.sources[key] = output
+        for observer in self.composite._observers:
+            observer.on_source(key, output)
+
+    def undo(self):
+        for module, had_own, original, forward in reversed(self.wrapped):
+            if module.__dict__.get("forward") is not forward:
+                warnings.warn(
+                    f"lxt_explicit: the forward of {type(module).__name__} was replaced after registration "
+                    "(e.g. by accelerate); it is left as it is now. Register Composites after dispatching a model.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            if had_own:
+                module.forward = original
+            else:
+                del module.forward
+        self.wrapped.clear()
+        for parameter, requires_grad in self.frozen:
+            parameter.requires_grad_(requires_grad)
+        self.frozen.clear()
+        for handle in reversed(self.canonizer_handles):
+            handle.remove()
+        self.canonizer_handles.clear()
+        self.sources = {}
+
+
+class Composite:
+    """Map modules and torch functions to LRP rules and register them on a model.
+
+    Parameters
+    ----------
+    layer_map : dict, optional
+        Keys select modules: an ``nn.Module`` subclass (matched with
+        ``isinstance``, so subclasses are covered) or a tuple of them, a module
+        name (``"model.layers.0.mlp"``), a glob pattern of names
+        (``"*.mlp.act_fn"``) or compiled regular expression, or a predicate
+        ``(name, module) -> bool``.  Values are :class:`~lxt_explicit.rules.Rule`
+        subclasses or configured instances (each module gets its own copy), or
+        ``None`` for "no rule".  Keys are tried in order and the first match
+        wins; the submodules of a module with a rule are run by that rule and
+        get none of their own.
+    ops : dict, optional
+        Keys are op names of :data:`~lxt_explicit.oprules.OP_GROUPS` (``"add"``
+        covers ``torch.add``, ``Tensor.add``, ``a + b`` ...) or single torch
+        functions; values are :class:`~lxt_explicit.oprules.OpRule` subclasses or
+        instances.
+    canonizers : list, optional
+        Objects with ``apply(model) -> handles`` (Zennit's canonizers and ours),
+        applied on :meth:`register` before the rules and undone on :meth:`remove`.
+    strict : bool, optional
+        Raise :class:`UnhandledOperationError` on the first operation on the
+        relevance path without a rule, instead of warning once per op and module.
+    warn_unmatched : bool, optional
+        Warn about layer-map keys that match no module of the registered model.
+
+    Notes
+    -----
+    Relevance travels in the gradient slot: call ``y.backward(r)`` with the
+    initial relevance ``r`` of the output ``y`` (``y.backward(y)`` explains
+    ``y`` by its own value), then the ``.grad`` of every input is its
+    relevance.  A Composite is registered on one model at a time;
+    ``register`` first removes an earlier registration of the same Composite.
+    """
+
+    def __init__(
+        self,
+        layer_map: dict | None = None,
+        *,
+        ops: dict | None = None,
+        canonizers: Iterable | None = None,
+        strict: bool = False,
+        warn_unmatched: bool = True,
+    ):
+        layer_map = dict(layer_map or {})
+        self._layer_map = [(key, _matcher(key), _rule_template(key, value)) for key, value in layer_map.items()]
+        self.ops = dict(ops or {})
+        self._op_table = _resolve_ops(self.ops)
+        self.canonizers = list(canonizers or [])
+        self.strict = bool(strict)
+        self.warn_unmatched = bool(warn_unmatched)
+        self._observers: list[CompositeObserver] = []
+        self._registration: _Registration | None = None
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this Composite is registered on, or ``None``."""
+        return self._registration.model if self._registration else None
+
+    def rule_for(self, name: str, module: nn.Module) -> Rule | None:
+        """The rule template the layer map gives ``module`` (named ``name``), or ``None``."""
+        for _, match, template in self._layer_map:
+            if match(name, module):
+                return template
+        return None
+
+    def register(self, model: nn.Module) -> "Composite":
+        """Apply canonizers, freeze parameters, and install the rules on ``model``.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model to explain.
+
+        Returns
+        -------
+        Composite
+            ``self``, so that ``composite = attnlrp().register(model)`` works.
+
+        Raises
+        ------
+        RuntimeError
+            If another Composite is registered on ``model`` or one of its submodules.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Composite.register needs an nn.Module, got {type(model).__name__}")
+        for name, module in model.named_modules():
+            owner = getattr(module.__dict__.get("forward"), "__lxt_composite__", None)
+            if owner is not None and owner is not self:
+                where = f"submodule '{name}'" if name else type(model).__name__
+                raise RuntimeError(
+                    f"lxt_explicit: another Composite is already registered on {where}; call its remove() "
+                    "before registering this one"
+                )
+        self.remove()
+        registration = _Registration(self, model)
+        try:
+            for canonizer in self.canonizers:
+                registration.canonizer_handles.extend(canonizer.apply(model))
+            for parameter in model.parameters():
+                registration.frozen.append((parameter, parameter.requires_grad))
+                parameter.requires_grad_(False)
+            used = [False] * len(self._layer_map)
+            ruled_prefixes: list[str] = []
+            for name, module in model.named_modules():
+                inside_rule = any(name.startswith(prefix) for prefix in ruled_prefixes)
+                template = None
+                if not inside_rule:
+                    for index, (_, match, candidate) in enumerate(self._layer_map):
+                        if match(name, module):
+                            used[index] = True
+                            template = candidate
+                            break
+                rule = template.copy() if template is not None else None
+                if rule is not None:
+                    ruled_prefixes.append(f"{name}." if name else "")
+                registration.wrap(name, module, rule)
+        except BaseException:
+            registration.undo()
+            raise
+        self._registration = registration
+        if self.warn_unmatched:
+            for (key, _, _), was_used in zip(self._layer_map, used):
+                if not was_used:
+                    warnings.warn(
+                        f"lxt_explicit: layer-map key {key!r} matches no module of {type(model).__name__}; "
+                        "check the class, name or pattern",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+        return self
+
+    def remove(self) -> None:
+        """Undo :meth:`register`: remove wrappers, restore ``requires_grad``, revert canonizers."""
+        if self._registration is not None:
+            registration, self._registration = self._registration, None
+            registration.undo()
+
+    @contextmanager
+    def context(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Register on ``model`` for the duration of a ``with`` block, which receives the model."""
+        self.register(model)
+        try:
+            yield model
+        finally:
+            self.remove()
+
+    def source_relevance(self) -> dict[str, torch.Tensor | None]:
+        """Relevance collected at the :class:`RelevanceSource` modules in the latest forward pass.
+
+        Returns
+        -------
+        dict
+            Module name -> relevance tensor (the gradient of the source's
+            output after the backward pass; ``None`` before it).
+        """
+        if self._registration is None:
+            return {}
+        return {name: tensor.grad for name, tensor in self._registration.sources.items()}
+
+    def source_tensors(self) -> dict[str, torch.Tensor]:
+        """The output tensors of the :class:`RelevanceSource` modules in the latest forward pass."""
+        return dict(self._registration.sources) if self._registration else {}
+
+    @contextmanager
+    def observe(self, observer: CompositeObserver) -> Iterator[CompositeObserver]:
+        """Send the forward-pass events of this Composite to ``observer`` inside a ``with`` block."""
+        self._observers.append(observer)
+        try:
+            yield observer
+        finally:
+            self._observers.remove(observer)
+
+    def __repr__(self) -> str:
+        rules = ", ".join(f"{key!r}: {template!r}" for key, _, template in self._layer_map)
+        ops = ", ".join(f"{key!r}: {value!r}" for key, value in self.ops.items())
+        return f"Composite({{{rules}}}, ops={{{ops}}})"

@@ -1,0 +1,159 @@
+"""Presets: AttnLRP and CP-LRP for Hugging Face transformers models as shipped.
+
+``attnlrp().register(model)`` works on instances of the installed
+transformers' own classes; nothing is copied or patched.  A preset is a
+layer map for the few modules whose rule depends on what the whole module
+does (RMS norms, activation modules written as several torch ops, embedding
+layers as relevance sources) plus one op rule per op group for everything
+else (linear layers, residual sums, gated products, attention, softmax,
+layer norm, ...).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .composite import Composite, RelevanceSource
+from .oprules import (
+    AddEpsilon,
+    AttentionRule,
+    DivByConstant,
+    DropoutRule,
+    ElementwiseIdentity,
+    GenericEpsilon,
+    LayerNormRule,
+    LinearEpsilon,
+    MatmulEpsilon,
+    MulUniform,
+    OpRule,
+    ReduceEpsilon,
+    SoftmaxTaylor,
+    StopRelevance,
+)
+from .rules import IdentityRule
+from .stabilizer import DEFAULT_EPSILON
+
+__all__ = ["attnlrp", "cp_lrp", "op_rules", "transformer_layer_map", "SUPPORTED_ARCHITECTURES"]
+
+#: Architectures whose unmodified transformers classes the presets are tested on
+#: (family -> classes).  Each has a zero-unhandled-ops audit and a Gradient x Input
+#: cross-check in the test suite.
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "Llama": ("LlamaForCausalLM", "LlamaModel"),
+    "Mistral": ("MistralForCausalLM", "MistralModel"),
+    "Qwen2": ("Qwen2ForCausalLM", "Qwen2Model"),
+    "Qwen3": ("Qwen3ForCausalLM", "Qwen3Model"),
+    "Gemma3 (text)": ("Gemma3ForCausalLM", "Gemma3TextModel"),
+    "GPT-2": ("GPT2LMHeadModel", "GPT2Model"),
+    "BERT family (BERT, RoBERTa, MiniLM)": (
+        "BertForMaskedLM",
+        "BertForSequenceClassification",
+        "BertModel",
+        "RobertaForMaskedLM",
+        "RobertaModel",
+    ),
+    "ViT": ("ViTForImageClassification", "ViTModel"),
+}
+
+_TORCH_ACTIVATIONS = (
+    nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.SELU, nn.CELU,
+)
+
+
+def is_rms_norm(name: str, module: nn.Module) -> bool:
+    """RMS normalization layers: ``nn.RMSNorm`` and classes named ``*RMSNorm`` (``LlamaRMSNorm``, ``Gemma3RMSNorm``, ...)."""
+    return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
+
+
+def is_activation(name: str, module: nn.Module) -> bool:
+    """Element-wise activation modules: torch's and those of ``transformers.activations`` (``NewGELUActivation``, ...)."""
+    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+
+
+def transformer_layer_map(*, relevance_sources: bool = True) -> dict:
+    """The module-level part of the presets.
+
+    Parameters
+    ----------
+    relevance_sources : bool, optional
+        Make every ``nn.Embedding`` (token, position and token-type embeddings) a
+        :class:`~lxt_explicit.composite.RelevanceSource`.  Without it, an embedding
+        added inside the model is a constant and absorbs its share of relevance.
+    """
+    layer_map: dict = {}
+    if relevance_sources:
+        layer_map[nn.Embedding] = RelevanceSource
+    layer_map[is_rms_norm] = IdentityRule
+    layer_map[is_activation] = IdentityRule
+    return layer_map
+
+
+def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str, OpRule]:
+    """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        Stabilizer of every denominator.
+    cp : bool, optional
+        Treat attention weights as constants (CP-LRP): softmax outputs are
+        detached and scaled dot-product attention sends all relevance to the values.
+    """
+    return {
+        "linear": LinearEpsilon(epsilon=epsilon),
+        "matmul": MatmulEpsilon(epsilon=epsilon),
+        "add": AddEpsilon(epsilon=epsilon),
+        "sub": AddEpsilon(epsilon=epsilon),
+        "mul": MulUniform(),
+        "div": DivByConstant(),
+        "neg": ElementwiseIdentity(),
+        "softmax": StopRelevance() if cp else SoftmaxTaylor(),
+        "attention": AttentionRule(epsilon=epsilon, cp=cp),
+        "layer_norm": LayerNormRule(epsilon=epsilon),
+        "rms_norm": ElementwiseIdentity(),
+        "normalize": ElementwiseIdentity(),
+        "mean": ReduceEpsilon(epsilon=epsilon),
+        "sum": ReduceEpsilon(epsilon=epsilon),
+        "activation": ElementwiseIdentity(),
+        "dropout": DropoutRule(),
+        "conv": GenericEpsilon(epsilon=epsilon),
+    }
+
+
+def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True, strict: bool = False) -> Composite:
+    """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        Stabilizer of every denominator.
+    relevance_sources : bool, optional
+        Collect relevance at every embedding layer (see :func:`transformer_layer_map`).
+    strict : bool, optional
+        Raise on the first operation on the relevance path without a rule.
+
+    Returns
+    -------
+    Composite
+        Register it with ``attnlrp().register(model)``.
+    """
+    return Composite(
+        transformer_layer_map(relevance_sources=relevance_sources),
+        ops=op_rules(epsilon=epsilon, cp=False),
+        strict=strict,
+        warn_unmatched=False,
+    )
+
+
+def cp_lrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True, strict: bool = False) -> Composite:
+    """A fresh Composite with the CP-LRP rules (Ali et al., ICML 2022): AttnLRP without relevance through attention weights.
+
+    Parameters and return value as in :func:`attnlrp`.
+    """
+    return Composite(
+        transformer_layer_map(relevance_sources=relevance_sources),
+        ops=op_rules(epsilon=epsilon, cp=True),
+        strict=strict,
+        warn_unmatched=False,
+    )

@@ -1,0 +1,40 @@
+"""The one denominator stabilizer of the library.
+
+Every LRP rule divides relevance by a pre-activation ``z``.  The epsilon rule
+(AttnLRP, Achtibat et al. 2024, Eq. 8) shifts that denominator away from zero
+*along its own sign*, ``z + eps * sign(z)`` with ``sign(0) = +1``, so that a
+denominator is never pushed through zero and never changes sign.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Default epsilon of every rule and operation of the library.
+DEFAULT_EPSILON: float = 1e-6
+
+
+def sign_shift(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Return ``epsilon * sign(z)`` with ``sign(0) = +1`` (the shift :func:`stabilize` adds)."""
+    return torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
+
+
+def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:
+    """Shift ``z`` away from zero along its sign.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        Denominator to stabilize.
+    epsilon : float, optional
+        Size of the shift; must be non-negative.
+
+    Returns
+    -------
+    torch.Tensor
+        ``z + epsilon * sign(z)`` with ``sign(0) = +1``; a new tensor, ``z`` is not modified.
+        ``|result| >= epsilon`` and ``sign(result) == sign(z)`` wherever ``z != 0``.
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be non-negative, got {epsilon}")
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
