@@ -1,0 +1,1 @@
+"""Text and prompt data written by this project (demo document, reading-comprehension prompts)."""
