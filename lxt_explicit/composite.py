@@ -219,6 +219,7 @@ class _Registration:
         self.state = _ThreadState()
         self.mode = _RoutingMode(self)
         self.wrapped: list[tuple[nn.Module, bool, Any, Callable]] = []
+        self.assigned: dict[str, Rule] = {}
         self.frozen: list[tuple[nn.Parameter, bool]] = []
         self.canonizer_handles: list = []
         self.sources: dict[str, torch.Tensor] = {}
@@ -280,6 +281,8 @@ class _Registration:
                 state.paused += 1
                 try:
                     output = rule(original, *args, **kwargs)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"lxt_explicit: {rule!r} on module '{name}': {error}") from error
                 finally:
                     state.paused -= 1
                 if isinstance(rule, RelevanceSource):
@@ -293,6 +296,8 @@ class _Registration:
 
         forward.__lxt_composite__ = composite
         module.forward = forward
+        if rule is not None:
+            self.assigned[name] = rule
         self.wrapped.append((module, had_own, original, forward))
 
     def enter(self, forward, is_root, args, kwargs):
@@ -496,6 +501,12 @@ class Composite:
             yield model
         finally:
             self.remove()
+
+    def assignments(self) -> dict[str, Rule]:
+        """Module name -> the rule instance registered on it (modules without a rule are left out)."""
+        if self._registration is None:
+            return {}
+        return dict(self._registration.assigned)
 
     def source_relevance(self) -> dict[str, torch.Tensor | None]:
         """Relevance collected at the :class:`RelevanceSource` modules in the latest forward pass.

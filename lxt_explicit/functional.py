@@ -306,7 +306,7 @@ class _Add2(Function):
         index = 0 if needs[0] else 1
         own = operands[index]
         shift = sign_shift(out, ctx.epsilon)
-        own_relevance = relevance * (own.to(dtype) + shift) / (out + shift)
+        own_relevance = relevance * ((own.to(dtype) + shift) / (out + shift))
         own_relevance = _sum_to_shape(own_relevance, own.shape).to(own.dtype)
         return (own_relevance, None, None) if index == 0 else (None, own_relevance, None)
 
@@ -480,7 +480,7 @@ class _LayerNorm(Function):
         if bias is not None:
             # The bias is a constant summand: it absorbs exactly its share.
             shift = sign_shift(out, ctx.epsilon)
-            relevance = relevance * (out - bias.to(dtype) + shift) / (out + shift)
+            relevance = relevance * ((out - bias.to(dtype) + shift) / (out + shift))
         # Multiplication by the weight and division by the standard deviation: identity.
         x = x.to(dtype)
         centered = x - x.mean(dim=ctx.dims, keepdim=True)

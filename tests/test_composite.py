@@ -1,0 +1,235 @@
+"""Composite: registration round trip, key matching, error paths, and conservation of whole networks."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lxt_explicit as lxt
+from lxt_explicit import Composite, CoverageWarning, RelevanceSource, UnhandledOperationError
+from lxt_explicit.oprules import AddEpsilon, MulUniform
+from lxt_explicit.rules import EpsilonRule, IdentityRule, UniformRule
+
+D = torch.float64
+
+
+class GatedNet(nn.Module):
+    """Linear layers, an element-wise activation and a gated product: linear + identity + uniform rules."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.up = nn.Linear(6, 8, bias=bias)
+        self.gate = nn.Linear(6, 8, bias=bias)
+        self.act = nn.SiLU()
+        self.down = nn.Linear(8, 6, bias=bias)
+        self.head = nn.Linear(6, 3, bias=bias)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(self.act(self.gate(h)) * self.up(h))
+        return self.head(h)
+
+
+def gated_composite(epsilon=0.0):
+    return Composite(
+        {nn.Embedding: RelevanceSource, nn.Linear: EpsilonRule(epsilon=epsilon), nn.SiLU: IdentityRule},
+        ops={"mul": MulUniform(), "add": AddEpsilon(epsilon=epsilon)},
+    )
+
+
+def test_network_without_biases_conserves_relevance_exactly():
+    net = GatedNet().double().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    composite = gated_composite().register(net)
+    out = net(ids)
+    R = torch.randn(out.shape, dtype=D)
+    out.backward(R)
+    relevance = composite.source_relevance()["embed"]
+    assert abs(relevance.sum().item() - R.sum().item()) < 1e-10 * max(1.0, abs(R.sum().item()))
+    # per position too: no relevance moves between positions in this network
+    torch.testing.assert_close(relevance.sum(-1), R.sum(-1), rtol=1e-10, atol=1e-10)
+
+
+def test_linear_bias_absorbs_what_the_formula_predicts():
+    layer = nn.Linear(5, 4).double()
+    x = torch.randn(3, 5, dtype=D, requires_grad=True)
+    with Composite({nn.Linear: EpsilonRule(epsilon=0.0)}).context(layer):
+        out = layer(x)
+        R = torch.randn(3, 4, dtype=D)
+        out.backward(R)
+    z = out.detach()
+    predicted = (R * (z - layer.bias.detach()) / z).sum()
+    torch.testing.assert_close(x.grad.sum(), predicted, rtol=1e-10, atol=1e-12)
+    assert abs((R.sum() - x.grad.sum()).item()) > 1e-3  # the bias did absorb something
+
+
+def snapshot(model):
+    return {
+        "types": [(name, type(m)) for name, m in model.named_modules()],
+        "ids": [(name, id(m)) for name, m in model.named_modules()],
+        "params": [(name, id(p), p.requires_grad) for name, p in model.named_parameters()],
+        "state_keys": list(model.state_dict().keys()),
+        "dicts": [(name, sorted(m.__dict__.keys())) for name, m in model.named_modules()],
+        "hooks": [(name, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()],
+        "class_forward": {type(m): type(m).forward for _, m in model.named_modules()},
+    }
+
+
+def test_register_remove_leaves_no_trace():
+    net = GatedNet(bias=True).double().eval()
+    net.head.weight.requires_grad_(False)  # a mix of requires_grad states must be restored as it was
+    calls = []
+    net.down.register_forward_hook(lambda m, i, o: calls.append(1))
+    ids = torch.randint(0, 10, (2, 5))
+    before, reference = snapshot(net), net(ids)
+    composite = gated_composite(epsilon=1e-6).register(net)
+    registered = net(ids)
+    assert torch.equal(registered, reference)  # forward unchanged while registered
+    assert all(not p.requires_grad for p in net.parameters())  # parameters are constants while registered
+    composite.remove()
+    after = snapshot(net)
+    for key in before:
+        assert before[key] == after[key], key
+    assert torch.equal(net(ids), reference)
+    assert len(calls) == 3  # the user's hook ran every time and is still there
+
+
+def test_context_manager_and_another_model_is_unaffected():
+    a, b = GatedNet().double().eval(), GatedNet().double().eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 10, (1, 4))
+    with gated_composite().context(a) as model:
+        assert model is a
+        assert "forward" in a.__dict__ and "forward" not in b.__dict__
+        assert all(p.requires_grad for p in b.parameters())
+        out_b = b(ids)
+        out_b.sum().backward()  # b still computes plain gradients
+        assert b.head.weight.grad is not None
+    assert "forward" not in a.__dict__
+
+
+def test_registering_twice_replaces_cleanly_and_another_composite_is_refused():
+    net = GatedNet().double()
+    composite = gated_composite()
+    composite.register(net)
+    composite.register(net)  # replaces the earlier registration
+    assert net.forward.__wrapped__.__self__ is net  # one wrapper, not nested
+    other = gated_composite()
+    with pytest.raises(RuntimeError, match="already registered"):
+        other.register(net)
+    with pytest.raises(RuntimeError, match="already registered"):
+        other.register(net.down)
+    composite.remove()
+    other.register(net)
+    other.remove()
+    assert "forward" not in net.__dict__
+
+
+def test_same_composite_moves_to_a_second_model():
+    a, b = GatedNet().double(), GatedNet().double()
+    composite = gated_composite().register(a)
+    composite.register(b)
+    assert "forward" not in a.__dict__ and composite.model is b
+    composite.remove()
+
+
+def test_key_types_first_match_wins_and_none_excludes():
+    net = GatedNet().double()
+    composite = Composite(
+        {
+            "head": None,
+            re.compile(r"(up|gate)"): EpsilonRule(epsilon=0.5),
+            "dow*": UniformRule,
+            lambda name, module: isinstance(module, nn.Linear): EpsilonRule,
+        }
+    )
+    assert composite.rule_for("head", net.head) is None
+    assert composite.rule_for("up", net.up) == EpsilonRule(epsilon=0.5)
+    assert isinstance(composite.rule_for("down", net.down), UniformRule)
+    assert composite.rule_for("other", nn.Linear(1, 1)) == EpsilonRule()
+
+
+def test_each_module_gets_its_own_rule_copy():
+    net = GatedNet().double()
+    template = EpsilonRule(epsilon=0.1)
+    composite = Composite({nn.Linear: template}).register(net)
+    rules = composite.assignments()
+    assert set(rules) == {"up", "gate", "down", "head"}
+    assert len({id(rule) for rule in rules.values()} | {id(template)}) == 5
+    assert all(rule == template for rule in rules.values())
+    composite.remove()
+    assert composite.assignments() == {}
+
+
+def test_submodules_of_a_ruled_module_get_no_rule_of_their_own():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.SiLU()), nn.Linear(3, 2)).double()
+    composite = Composite({"0": EpsilonRule, nn.Linear: EpsilonRule, nn.SiLU: IdentityRule}).register(model)
+    assert set(composite.assignments()) == {"0", "1"}
+    composite.remove()
+
+
+def test_bad_keys_and_values_are_explained():
+    with pytest.raises(TypeError, match="unsupported layer-map key"):
+        Composite({42: EpsilonRule})
+    with pytest.raises(TypeError, match="must be a Rule"):
+        Composite({nn.Linear: "epsilon"})
+    with pytest.raises(KeyError, match="unknown op name"):
+        Composite(ops={"addition": AddEpsilon()})
+    with pytest.warns(UserWarning, match="matches no module"):
+        Composite({nn.Conv2d: EpsilonRule}).register(GatedNet())
+
+
+def test_rule_that_cannot_wrap_a_module_names_the_module():
+    net = GatedNet().double()
+    composite = Composite({"down": IdentityRule}).register(net)
+    with pytest.raises(ValueError, match="module 'down'.*element-wise"):
+        net.down(torch.randn(2, 8, dtype=D, requires_grad=True))
+    composite.remove()
+
+
+class Exotic(nn.Module):
+    def forward(self, x):
+        return torch.exp(x) * 2
+
+
+def test_unhandled_operation_warns_once_and_strict_mode_raises():
+    model = nn.Sequential(nn.Linear(3, 3), Exotic()).double()
+    x = torch.randn(2, 3, dtype=D, requires_grad=True)
+    composite = Composite({nn.Linear: EpsilonRule}, ops={"mul": MulUniform()}).register(model)
+    with pytest.warns(CoverageWarning, match=r"torch\.exp.*module '1' \(Exotic\)"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # warned once per op and module
+    composite.remove()
+    strict = Composite({nn.Linear: EpsilonRule}, strict=True).register(model)
+    with pytest.raises(UnhandledOperationError, match=r"torch\.exp"):
+        model(x)
+    strict.remove()
+
+
+class Product(nn.Module):
+    def forward(self, a, b):
+        return a * b
+
+
+def test_submodule_called_directly_is_still_routed():
+    model = nn.Sequential(nn.Linear(8, 8), Product()).double()
+    composite = Composite(ops={"mul": MulUniform()}).register(model)
+    a = torch.randn(2, 8, dtype=D, requires_grad=True)
+    b = torch.randn(2, 8, dtype=D, requires_grad=True)
+    out = model[1](a, b)  # called directly, not through the model's forward
+    R = torch.randn(2, 8, dtype=D)
+    out.backward(R)
+    assert torch.equal(a.grad, 0.5 * R) and torch.equal(b.grad, 0.5 * R)  # uniform rule, not the gradient
+    composite.remove()
+
+
+def test_presets_are_fresh_each_call():
+    first, second = lxt.attnlrp(), lxt.attnlrp()
+    assert first is not second and first.ops["add"] is not second.ops["add"]
+    assert lxt.attnlrp(epsilon=1e-3).ops["linear"].epsilon == 1e-3
+    assert lxt.cp_lrp().ops["attention"].cp and not lxt.attnlrp().ops["attention"].cp
