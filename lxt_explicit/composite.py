@@ -179,6 +179,8 @@ class _RoutingMode(TorchFunctionMode):
         reg = self.registration
         if reg.state.paused or not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if reg.parameter_sources:
+            args, kwargs = reg.substitute_parameter_sources(args, kwargs)
         try:
             entry = reg.ops.get(func)
         except TypeError:
@@ -220,9 +222,12 @@ class _Registration:
         self.mode = _RoutingMode(self)
         self.wrapped: list[tuple[nn.Module, bool, Any, Callable]] = []
         self.assigned: dict[str, Rule] = {}
+        self.checkpointing: list[tuple[nn.Module, Callable, Callable]] = []
         self.frozen: list[tuple[nn.Parameter, bool]] = []
         self.canonizer_handles: list = []
         self.sources: dict[str, torch.Tensor] = {}
+        self.parameter_sources: dict[int, tuple[str, nn.Parameter]] = {}
+        self.parameter_leaves: dict[int, torch.Tensor] = {}
         self.warned: set = set()
 
     # -- events -------------------------------------------------------------------
@@ -272,6 +277,8 @@ class _Registration:
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
+            if "_gradient_checkpointing_func" in module.__dict__:
+                self.route_checkpointing(name, module)
             if not state.active:
                 return self.enter(forward, is_root, args, kwargs)
             state.stack.append(name)
@@ -300,10 +307,41 @@ class _Registration:
             self.assigned[name] = rule
         self.wrapped.append((module, had_own, original, forward))
 
+    def route_checkpointing(self, name: str, module: nn.Module):
+        """Make the recomputation of a checkpointed layer (transformers' ``_gradient_checkpointing_func``) run routed.
+
+        transformers checkpoints a layer's class ``forward``, so the backward pass recomputes it without
+        passing through the instance wrappers; the recomputation must use the same rules as the forward pass.
+        """
+        checkpoint = module.__dict__["_gradient_checkpointing_func"]
+        if getattr(checkpoint, "__lxt_composite__", None) is self.composite:
+            return
+        state = self.state
+
+        def routed_checkpoint(function, *args, **kwargs):
+            def run(*inner_args, **inner_kwargs):
+                if state.active:
+                    return function(*inner_args, **inner_kwargs)
+                state.active = True
+                state.stack.append(name)
+                try:
+                    with self.mode:
+                        return function(*inner_args, **inner_kwargs)
+                finally:
+                    state.stack.pop()
+                    state.active = False
+
+            return checkpoint(run, *args, **kwargs)
+
+        routed_checkpoint.__lxt_composite__ = self.composite
+        module._gradient_checkpointing_func = routed_checkpoint
+        self.checkpointing.append((module, checkpoint, routed_checkpoint))
+
     def enter(self, forward, is_root, args, kwargs):
         state = self.state
         if is_root:
             self.sources = {}
+            self.parameter_leaves = {}
             observers = self.composite._observers
             if observers and torch.is_grad_enabled():
                 inputs = {f"args[{i}]": a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad}
@@ -316,6 +354,28 @@ class _Registration:
                 return forward(*args, **kwargs)
         finally:
             state.active = False
+
+    def substitute_parameter_sources(self, args, kwargs):
+        """Replace parameters that are relevance sources by this forward pass's leaf copy of them."""
+        sources = self.parameter_sources
+
+        def swap(value):
+            if isinstance(value, torch.Tensor) and id(value) in sources:
+                key = id(value)
+                leaf = self.parameter_leaves.get(key)
+                if leaf is None:
+                    leaf = value.detach().requires_grad_()
+                    self.parameter_leaves[key] = leaf
+                    self.source_created(sources[key][0], leaf)
+                return leaf
+            return value
+
+        if any(isinstance(a, torch.Tensor) and id(a) in sources for a in args) or any(
+            isinstance(v, torch.Tensor) and id(v) in sources for v in kwargs.values()
+        ):
+            args = tuple(swap(a) for a in args)
+            kwargs = {k: swap(v) for k, v in kwargs.items()}
+        return args, kwargs
 
     def source_created(self, name, output):
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
@@ -342,6 +402,10 @@ class _Registration:
             else:
                 del module.forward
         self.wrapped.clear()
+        for module, checkpoint, routed in reversed(self.checkpointing):
+            if module.__dict__.get("_gradient_checkpointing_func") is routed:
+                module._gradient_checkpointing_func = checkpoint
+        self.checkpointing.clear()
         for parameter, requires_grad in self.frozen:
             parameter.requires_grad_(requires_grad)
         self.frozen.clear()
@@ -349,6 +413,8 @@ class _Registration:
             handle.remove()
         self.canonizer_handles.clear()
         self.sources = {}
+        self.parameter_leaves = {}
+        self.parameter_sources = {}
 
 
 class Composite:
@@ -374,6 +440,11 @@ class Composite:
     canonizers : list, optional
         Objects with ``apply(model) -> handles`` (Zennit's canonizers and ours),
         applied on :meth:`register` before the rules and undone on :meth:`remove`.
+    parameter_sources : iterable of str, optional
+        Names or glob patterns of parameters that are inputs of the explanation
+        (e.g. ViT's ``"*embeddings.cls_token"``): in each forward pass they are
+        replaced by a leaf copy that collects relevance, returned by
+        :meth:`source_relevance` under the parameter's name.
     strict : bool, optional
         Raise :class:`UnhandledOperationError` on the first operation on the
         relevance path without a rule, instead of warning once per op and module.
@@ -395,10 +466,12 @@ class Composite:
         *,
         ops: dict | None = None,
         canonizers: Iterable | None = None,
+        parameter_sources: Iterable[str] = (),
         strict: bool = False,
         warn_unmatched: bool = True,
     ):
         layer_map = dict(layer_map or {})
+        self.parameter_sources = tuple(parameter_sources)
         self._layer_map = [(key, _matcher(key), _rule_template(key, value)) for key, value in layer_map.items()]
         self.ops = dict(ops or {})
         self._op_table = _resolve_ops(self.ops)
@@ -457,6 +530,9 @@ class Composite:
             for parameter in model.parameters():
                 registration.frozen.append((parameter, parameter.requires_grad))
                 parameter.requires_grad_(False)
+            for name, parameter in model.named_parameters():
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.parameter_sources):
+                    registration.parameter_sources[id(parameter)] = (name, parameter)
             used = [False] * len(self._layer_map)
             ruled_prefixes: list[str] = []
             for name, module in model.named_modules():

@@ -89,6 +89,15 @@ def transformer_layer_map(*, relevance_sources: bool = True) -> dict:
     return layer_map
 
 
+#: Parameters that some architectures add to the token embeddings inside the model
+#: (ViT's class token and position embeddings, DeiT's distillation token).
+EMBEDDING_PARAMETERS: tuple[str, ...] = (
+    "*embeddings.cls_token",
+    "*embeddings.position_embeddings",
+    "*embeddings.distillation_token",
+)
+
+
 def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str, OpRule]:
     """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
 
@@ -129,7 +138,8 @@ def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True,
     epsilon : float, optional
         Stabilizer of every denominator.
     relevance_sources : bool, optional
-        Collect relevance at every embedding layer (see :func:`transformer_layer_map`).
+        Collect relevance at every embedding layer (see :func:`transformer_layer_map`)
+        and at the embedding parameters of :data:`EMBEDDING_PARAMETERS`.
     strict : bool, optional
         Raise on the first operation on the relevance path without a rule.
 
@@ -141,6 +151,7 @@ def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True,
     return Composite(
         transformer_layer_map(relevance_sources=relevance_sources),
         ops=op_rules(epsilon=epsilon, cp=False),
+        parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         strict=strict,
         warn_unmatched=False,
     )
@@ -154,6 +165,7 @@ def cp_lrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True, 
     return Composite(
         transformer_layer_map(relevance_sources=relevance_sources),
         ops=op_rules(epsilon=epsilon, cp=True),
+        parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         strict=strict,
         warn_unmatched=False,
     )

@@ -1,0 +1,169 @@
+"""An independent Gradient x Input formulation of the AttnLRP / CP-LRP rules (Arras et al. 2025).
+
+This is the second formulation the explicit rules are checked against.  It shares no code
+with the library: the model runs unmodified, only the *gradient* of a few operations is
+changed, and relevance is ``input * gradient``:
+
+* linear maps, sums, constant factors, masks: the plain gradient (epsilon rule with epsilon -> 0);
+* element-wise activations and RMS/normalizations (identity rule): gradient ``f(x) / x``;
+* layer norm: the standard deviation is detached (identity on the division, linear centering);
+* products and matrix products of two relevance-carrying operands (uniform rule): half the gradient;
+* softmax (AttnLRP): the plain gradient, which *is* the deep-Taylor rule with bias;
+  CP-LRP: the attention weights are detached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+def _half_gradient(out):
+    return 0.5 * out + 0.5 * out.detach()
+
+
+def _with_gradient_ratio(x, y):
+    """Forward value ``y``, gradient ``y / x`` with respect to ``x`` (identity rule in GxI form)."""
+    ratio = torch.where(x == 0, torch.zeros_like(y), y / x).detach()
+    return y.detach() + (x * ratio - (x * ratio).detach())
+
+
+def _rg(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+class GxIMode(TorchFunctionMode):
+    """Gradient modifications for the functional ops of transformers models."""
+
+    ACTIVATIONS = {F.silu, F.gelu, F.relu, torch.tanh, torch.Tensor.tanh, torch.sigmoid, F.tanh}
+
+    def __init__(self, cp: bool):
+        super().__init__()
+        self.cp = cp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func in (torch.matmul, torch.Tensor.matmul, torch.bmm) and _rg(args[0]) and _rg(args[1]):
+            return _half_gradient(func(*args, **kwargs))
+        if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__) and _rg(args[0]) and _rg(args[1]):
+            return _half_gradient(func(*args, **kwargs))
+        if func in (F.softmax, torch.softmax, torch.Tensor.softmax) and self.cp:
+            return func(*args, **kwargs).detach()
+        if func in self.ACTIVATIONS and _rg(args[0]):
+            return _with_gradient_ratio(args[0], func(*args, **kwargs))
+        if func is F.layer_norm and _rg(args[0]):
+            x, shape = args[0], args[1]
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
+            bias = args[3] if len(args) > 3 else kwargs.get("bias")
+            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+            dims = tuple(range(-len(shape), 0))
+            centered = x - x.mean(dims, keepdim=True)
+            std = (centered.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
+            y = centered / std
+            if weight is not None:
+                y = y * weight
+            if bias is not None:
+                y = y + bias
+            exact = func(*args, **kwargs)
+            return exact.detach() + (y - y.detach())
+        if func is F.scaled_dot_product_attention:
+            return self._attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        exact = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        groups = q.shape[-3] // k.shape[-3]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
+        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if _rg(q) and _rg(k):
+            scores = _half_gradient(scores)
+        scores = scores * scale
+        L, S = q.shape[-2], k.shape[-2]
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attn_mask
+        if is_causal:
+            keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, -1)
+        if self.cp:
+            weights = weights.detach()
+        out = torch.matmul(weights, v)
+        if _rg(weights) and _rg(v):
+            out = _half_gradient(out)
+        return exact.detach() + (out - out.detach())
+
+
+def _is_identity_module(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return (
+        name.endswith("RMSNorm")
+        or type(module).__module__ == "transformers.activations"
+        or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid))
+    )
+
+
+def gxi_relevance(model: nn.Module, run, *, cp: bool = False, leaf_inputs=()):
+    """Relevance of every embedding output (and of ``leaf_inputs``) by Gradient x Input.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The unmodified model.
+    run : callable
+        ``run(model) -> target`` runs the model and returns the scalar (or summed) quantity to explain.
+    cp : bool
+        CP-LRP instead of AttnLRP.
+    leaf_inputs : sequence of (name, tensor)
+        Inputs that require a gradient, passed to the model by ``run``.
+
+    Returns
+    -------
+    dict
+        name -> relevance (input * gradient, same shape as the input).
+    """
+    saved_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved_grad:
+        p.requires_grad_(False)
+    leaves: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+
+            def to_leaf(mod, args, output, name=name):
+                output = output.detach().requires_grad_()
+                leaves[name] = output
+                return output
+
+            handles.append(module.register_forward_hook(to_leaf))
+        elif _is_identity_module(module):
+            handles.append(
+                module.register_forward_hook(
+                    lambda mod, args, output: _with_gradient_ratio(args[0], output) if _rg(args[0]) else output
+                )
+            )
+    try:
+        with GxIMode(cp):
+            target = run(model)
+        target.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved_grad:
+            p.requires_grad_(flag)
+    result = {name: (t * t.grad).detach() for name, t in leaves.items() if t.grad is not None}
+    for name, t in leaf_inputs:
+        result[name] = (t * t.grad).detach()
+    return result
