@@ -44,8 +44,11 @@ __all__ = [
 
 _HALF = (torch.float16, torch.bfloat16)
 
-#: Attention backward passes process this many score elements at a time at most.
-_ATTENTION_BLOCK_ELEMENTS = 1 << 24
+#: Attention backward passes process this many score elements at a time at most: on the CPU a block
+#: that stays in cache (about 4 MB in float32) runs the element-wise steps twice as fast as one
+#: large block; on accelerators large blocks keep the kernels busy.
+_ATTENTION_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+_ATTENTION_BLOCK_ELEMENTS_DEFAULT = 1 << 26
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -94,10 +97,34 @@ class _LinearEpsilon(Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         x, weight, out = ctx.saved_tensors
-        dtype = _compute_dtype(out)
-        normed = relevance.to(dtype) / stabilize(out.to(dtype), ctx.epsilon)
-        relevance_x = (normed.to(weight.dtype) @ weight).to(dtype) * x.to(dtype)
-        return relevance_x.to(x.dtype), None, None, None
+        rows = _rows_with_relevance(relevance)
+        if rows is not None:
+            # Only some positions carry relevance (e.g. the explained token of an output layer):
+            # the others receive exactly zero, so skip them.
+            result = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+            flat = result.view(-1, x.shape[-1])
+            flat[rows] = _linear_relevance(
+                x.reshape(-1, x.shape[-1])[rows], weight, out.reshape(-1, out.shape[-1])[rows],
+                relevance.reshape(-1, relevance.shape[-1])[rows], ctx.epsilon,
+            )
+            return result, None, None, None
+        return _linear_relevance(x, weight, out, relevance, ctx.epsilon), None, None, None
+
+
+def _rows_with_relevance(relevance: torch.Tensor):
+    """Indices of the rows (positions) with non-zero relevance, or ``None`` if (almost) all rows have some."""
+    if relevance.dim() < 2 or relevance.numel() < (1 << 16):
+        return None
+    flat = relevance.reshape(-1, relevance.shape[-1])
+    rows = flat.any(-1).nonzero().squeeze(-1)
+    return rows if rows.numel() < 0.5 * flat.shape[0] else None
+
+
+def _linear_relevance(x, weight, out, relevance, epsilon):
+    dtype = _compute_dtype(out)
+    normed = torch.div(relevance.to(dtype), stabilize(out.to(dtype), epsilon))
+    relevance_x = (normed.to(weight.dtype) @ weight).to(dtype).mul_(x.to(dtype))
+    return relevance_x.to(x.dtype)
 
 
 def linear_epsilon(x, weight, bias=None, *, epsilon: float = DEFAULT_EPSILON):
@@ -640,18 +667,68 @@ def _score_mask(attn_mask, is_causal, query_len, key_len, dtype, device):
     return mask
 
 
+def _mask_is_pure(attn_mask) -> bool:
+    """Whether a mask only attends or blocks: boolean, or additive with values 0 and (nearly) -inf only."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return True
+    lowest = torch.finfo(attn_mask.dtype).min
+    return bool(((attn_mask == 0) | (attn_mask <= lowest / 2)).all())
+
+
 class _Attention(Function):
-    """AttnLRP / CP-LRP rules for scaled dot-product attention; recomputes the scores in the backward pass."""
+    """AttnLRP / CP-LRP rules for scaled dot-product attention."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, cp):
+        ctx.is_causal, ctx.scale, ctx.epsilon, ctx.cp = is_causal, scale, epsilon, cp
+        needs = ctx.needs_input_grad[:3]
+        ctx.fused = any(needs) and _mask_is_pure(attn_mask)
+        if ctx.fused:
+            # Keep the graph of torch's own attention: its fused backward pass computes the rules (see backward).
+            inputs = tuple(t.detach().requires_grad_(need) for t, need in zip((q, k, v), needs))
+            with torch.enable_grad():
+                out = F.scaled_dot_product_attention(
+                    *inputs, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa,
+                )
+            ctx.inputs, ctx.output = inputs, out
+            return out.detach()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
-        if any(ctx.needs_input_grad[:3]):
+        if any(needs):
             ctx.save_for_backward(q, k, v, out, attn_mask)
-        ctx.is_causal, ctx.scale, ctx.epsilon, ctx.cp = is_causal, scale, epsilon, cp
         return out
+
+    @staticmethod
+    def _fused_backward(ctx, relevance):
+        r"""The rules through torch's attention backward pass.
+
+        With ``G = R_o / stab(o)`` as the output gradient, the attention VJP returns
+        ``dV = S^T G``, ``dQ = scale (S * (D - rowsum(S * D))) K`` and the analogue ``dK``, with
+        ``D = G V^T``.  ``S * (D - rowsum(S * D))`` is twice the relevance ``R_x / x`` of the scores
+        after the softmax rule, and the q k^T rule divides ``R_x`` by the scores it is proportional
+        to, so ``R_q = q dQ / 4``, ``R_k = k dK / 4`` and ``R_v = v dV / 2`` (``v dV`` for CP-LRP).
+        """
+        q, k, v = ctx.inputs
+        out = ctx.output
+        dtype = _compute_dtype(out)
+        normed = torch.div(relevance.to(dtype), stabilize(out.detach().to(dtype), ctx.epsilon)).to(out.dtype)
+        wanted = [t for t in (q, k, v) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, normed))
+        ctx.inputs = ctx.output = None
+        shares = (0.25, 0.25, 1.0 if ctx.cp else 0.5)
+        result = []
+        for tensor, share in zip((q, k, v), shares):
+            if not tensor.requires_grad:
+                result.append(None)
+                continue
+            grad = next(grads)
+            if ctx.cp and share != 1.0:
+                result.append(None)
+                continue
+            result.append((grad.to(dtype) * tensor.detach().to(dtype)).mul_(share).to(tensor.dtype))
+        return tuple(result) + (None,) * 6
 
     @staticmethod
     @once_differentiable
@@ -660,6 +737,8 @@ class _Attention(Function):
         nothing = (None,) * 6
         if not (needs_q or needs_k or needs_v):
             return (None, None, None) + nothing
+        if ctx.fused:
+            return _Attention._fused_backward(ctx, relevance)
         q, k, v, out, attn_mask = ctx.saved_tensors
         dtype = _compute_dtype(out)
         eps = ctx.epsilon
@@ -674,41 +753,44 @@ class _Attention(Function):
         normed_out = relevance.to(dtype) / stabilize(out.to(dtype), eps)
 
         batch_shape = torch.broadcast_shapes(qc.shape[:-2], kc.shape[:-2])
-        rows_per_block = max(1, _ATTENTION_BLOCK_ELEMENTS // max(1, math.prod(batch_shape) * key_len))
+        block = _ATTENTION_BLOCK_ELEMENTS.get(q.device.type, _ATTENTION_BLOCK_ELEMENTS_DEFAULT)
+        rows_per_block = max(1, block // max(1, math.prod(batch_shape) * key_len))
         relevance_q = torch.zeros_like(qc) if (needs_q and not ctx.cp) else None
         relevance_k = torch.zeros(batch_shape + kc.shape[-2:], dtype=dtype, device=q.device) if not ctx.cp else None
         value_sum = torch.zeros(batch_shape + vc.shape[-2:], dtype=dtype, device=q.device)
+        # Only reached for float masks with values other than 0 and -inf (a bias on the scores).
         for start in range(0, query_len, rows_per_block):
             rows = slice(start, min(start + rows_per_block, query_len))
             q_b, g_b = qc[..., rows, :], normed_out[..., rows, :]
             raw = q_b @ kc.transpose(-1, -2)
             scores = raw * scale
-            mask_b = None
-            if mask is not None:
-                mask_b = mask[..., rows, :] if mask.size(-2) != 1 else mask
-                scores = scores + mask_b
+            scores += mask[..., rows, :] if mask.size(-2) != 1 else mask
             probs = torch.softmax(scores, dim=-1)
             # Value side: epsilon rule on o = s v, half of it (all of it for CP-LRP) to v.
             value_sum += probs.transpose(-1, -2) @ g_b
             if ctx.cp:
                 continue
-            # Probability side: the other half, then the softmax rule (Proposition 3.1).
-            rel_probs = (g_b @ vc.transpose(-1, -2)).mul_(probs).mul_(0.5)
-            rel_scores = rel_probs.sub_(probs.mul_(rel_probs.sum(-1, keepdim=True))).mul_(scores)
+            # Weight side: the other half, R_s = s * (G v^T) / 2, then the softmax rule
+            # R_x = x * (R_s - s * sum(R_s)) (Proposition 3.1).  The factors 1/2 are applied at the end.
+            rel = (g_b @ vc.transpose(-1, -2)).mul_(probs)
+            rel.addcmul_(probs, rel.sum(-1, keepdim=True), value=-1.0)
             del probs
-            if mask_b is not None and attn_mask is not None and attn_mask.dtype != torch.bool:
-                # A float mask is a constant summand of the scores: it absorbs its share (see add2).
-                shift = sign_shift(scores, eps)
-                rel_scores.mul_((raw * scale + shift).div_(scores.add_(shift)))
-            # Multiplication by the scale passes relevance; then the epsilon/uniform rule on q k^T.
-            normed_raw = rel_scores.div_(stabilize(raw, eps)).mul_(0.5)
+            # The mask is a constant summand and absorbs its share (see add2): R_a = R_x (a + e) / (x + e);
+            # the scale passes relevance; the epsilon/uniform rule on q k^T divides by stab(q k^T).
+            shift = sign_shift(scores, eps)
+            ratio = (raw * scale).add_(shift).div_(shift.add_(scores))
+            rel.mul_(scores).mul_(ratio).div_(stabilize(raw, eps))
+            del shift, ratio, raw, scores
             if relevance_q is not None:
-                relevance_q[..., rows, :] = (normed_raw @ kc) * q_b
-            relevance_k += normed_raw.transpose(-1, -2) @ q_b
+                relevance_q[..., rows, :] = rel @ kc
+            relevance_k += rel.transpose(-1, -2) @ q_b
+        # 1/2 of the softmax side, 1/2 of the q k^T rule.
+        if relevance_q is not None:
+            relevance_q.mul_(qc).mul_(0.25)
         share = 1.0 if ctx.cp else 0.5
         relevance_v = value_sum.mul_(vc).mul_(share) if needs_v else None
         if relevance_k is not None:
-            relevance_k = relevance_k.mul_(kc) if needs_k else None
+            relevance_k = relevance_k.mul_(kc).mul_(0.25) if needs_k else None
 
         def to_input(rel, like):
             if rel is None:
@@ -740,13 +822,20 @@ def scaled_dot_product_attention(
 
     The forward pass is :func:`torch.nn.functional.scaled_dot_product_attention`.
     The backward pass decomposes it into the operations of eager attention and
-    applies each one's rule: epsilon/uniform rule on ``q k^T`` and on
-    ``softmax(.) v`` (Proposition 3.3), pass-through of the scaling, the mask
-    as a constant summand (see :func:`add2`), and the softmax rule
-    (Proposition 3.1).  With ``cp=True`` (CP-LRP, Ali et al. 2022) the
-    attention weights are treated as constants and all relevance flows to the
-    values.  Scores are recomputed block by block in the backward pass instead
-    of being stored.
+    applies each one's rule: epsilon/uniform rule on ``softmax(.) v`` and on
+    ``q k^T`` (Proposition 3.3), pass-through of the scaling, the mask as a
+    constant summand (see :func:`add2`), and the softmax rule (Proposition 3.1).
+    With ``cp=True`` (CP-LRP, Ali et al. 2022) the attention weights are treated
+    as constants and all relevance flows to the values.
+
+    The relevance that reaches a score from the softmax rule is proportional to
+    that score, so the ``q k^T`` rule's division by the score cancels exactly and
+    needs no stabilizer.  Without a bias in the mask (boolean masks, causal,
+    or additive masks of 0 and -inf), the rules then equal torch's own fused
+    attention backward pass evaluated at ``R_o / stab(o)``, which is what runs
+    (no score matrix is stored or rebuilt).  A float mask with other values is
+    a bias: it absorbs its share, the ``q k^T`` rule is stabilized, and the
+    scores are recomputed block by block.
 
     Parameters
     ----------

@@ -96,16 +96,19 @@ def test_default_epsilon_stays_close_to_gradient_times_input(arch):
         assert F.cosine_similarity(ours[name].flatten(), expected.flatten(), dim=0) >= 0.9999
 
 
+@pytest.mark.parametrize("epsilon,tolerance", [(1e-6, 1e-4), (1e-12, 1e-6)])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)
-def test_eager_and_sdpa_give_the_same_relevance(arch, method):
+def test_eager_and_sdpa_give_the_same_relevance(arch, method, epsilon, tolerance):
     inputs = tm.inputs(arch, batch=2)
-    eager, _ = explain(tm.build(arch, attn="eager"), arch, inputs, METHODS[method]())
-    sdpa, _ = explain(tm.build(arch, attn="sdpa"), arch, inputs, METHODS[method]())
+    eager, _ = explain(tm.build(arch, attn="eager"), arch, inputs, METHODS[method](epsilon=epsilon))
+    sdpa, _ = explain(tm.build(arch, attn="sdpa"), arch, inputs, METHODS[method](epsilon=epsilon))
     assert eager.keys() == sdpa.keys()
     for name in eager:
-        # eager Llama-family attention takes the softmax in float32, hence not bit-identical
-        assert max_relative_error(eager[name], sdpa[name]) <= 1e-6, name
+        # Eager attention stabilizes the q k^T rule with epsilon, sdpa needs no stabilizer there (see
+        # functional.scaled_dot_product_attention); eager Llama-family attention also takes the softmax in
+        # float32.  Both differences vanish with epsilon.
+        assert max_relative_error(eager[name], sdpa[name]) <= tolerance, name
 
 
 @pytest.mark.parametrize("arch", tm.ARCHITECTURES)

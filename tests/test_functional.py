@@ -319,7 +319,10 @@ def attention_reference(q, k, v, R, *, mask=None, causal=False, scale=None, eps=
     """The AttnLRP rules of eager attention, written step by step in float64.
 
     A = q k^T, X = scale * A + M (additive mask, constant), S = softmax(X), O = S v.
+    The relevance of a score is proportional to it when M is 0 where attended, so the q k^T rule
+    then divides by A itself (no stabilizer); a float bias M needs the stabilized denominator.
     """
+    biased = mask is not None and mask.dtype != torch.bool
     groups = q.shape[-3] // k.shape[-3]
     kr, vr = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     L, S_len = q.shape[-2], k.shape[-2]
@@ -350,7 +353,7 @@ def attention_reference(q, k, v, R, *, mask=None, causal=False, scale=None, eps=
         R_X = torch.where(keep, R_X, torch.zeros_like(R_X))  # masked scores receive nothing
         e = eps * torch.where(X >= 0, 1.0, -1.0)
         R_a = torch.where(keep, R_X * (a + e) / (X + e), torch.zeros_like(R_X))  # constant mask absorbs its share
-        G_A = R_a / stab(A, eps)  # the scale passes relevance; Proposition 3.3 on q k^T
+        G_A = R_a / (stab(A, eps) if biased else A)  # the scale passes relevance; Proposition 3.3 on q k^T
         R_q = 0.5 * torch.einsum("...ik,...jk,...ij->...ik", q, kr, G_A)
         R_k = 0.5 * torch.einsum("...ik,...jk,...ij->...jk", q, kr, G_A)
     fold = lambda t: t.unflatten(-3, (k.shape[-3], groups)).sum(-3)  # noqa: E731
@@ -359,7 +362,7 @@ def attention_reference(q, k, v, R, *, mask=None, causal=False, scale=None, eps=
 
 @pytest.mark.parametrize("cp", [False, True])
 @pytest.mark.parametrize(
-    "case", ["plain", "causal", "bool_mask", "float_mask", "gqa_causal", "cross_lengths", "scale"]
+    "case", ["plain", "causal", "bool_mask", "float_mask", "zero_minus_inf_mask", "gqa_causal", "cross_lengths", "scale"]
 )
 def test_attention_equals_stepwise_rules(case, cp):
     heads, kv_heads, L, S_len, d = 4, 4, 5, 5, 8
@@ -379,6 +382,10 @@ def test_attention_equals_stepwise_rules(case, cp):
     if case == "float_mask":
         mask = -torch.rand(L, S_len, dtype=D) * 3
         kwargs, ref_kwargs = {"attn_mask": mask}, {"mask": mask}
+    if case == "zero_minus_inf_mask":  # additive but bias-free: the fused path
+        mask = torch.zeros(L, S_len, dtype=D).masked_fill(torch.rand(L, S_len) > 0.7, -math.inf)
+        mask[:, 0] = 0
+        kwargs, ref_kwargs = {"attn_mask": mask}, {"mask": mask > -math.inf}
     if case == "scale":
         kwargs, ref_kwargs = {"scale": 0.3}, {"scale": 0.3}
     q, k, v = leaf(2, heads, L, d), leaf(2, kv_heads, S_len, d), leaf(2, kv_heads, S_len, d)
@@ -400,13 +407,15 @@ def test_attention_equals_stepwise_rules(case, cp):
 
 def test_attention_block_processing_matches_one_block(monkeypatch):
     q, k, v = leaf(1, 2, 9, 4), leaf(1, 2, 9, 4), leaf(1, 2, 9, 4)
+    bias = -torch.rand(9, 9, dtype=D)  # a float bias takes the blocked path
     R = torch.randn(1, 2, 9, 4, dtype=D)
-    lf.scaled_dot_product_attention(q, k, v, is_causal=True).backward(R)
+    monkeypatch.setitem(lf._ATTENTION_BLOCK_ELEMENTS, "cpu", 1 << 30)  # one block
+    lf.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(R)
     whole = (q.grad.clone(), k.grad.clone(), v.grad.clone())
     for t in (q, k, v):
         t.grad = None
-    monkeypatch.setattr(lf, "_ATTENTION_BLOCK_ELEMENTS", 2 * 9 * 2)  # two query rows per block
-    lf.scaled_dot_product_attention(q, k, v, is_causal=True).backward(R)
+    monkeypatch.setitem(lf._ATTENTION_BLOCK_ELEMENTS, "cpu", 2 * 9 * 2)  # two query rows per block
+    lf.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(R)
     for a, b in zip(whole, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
