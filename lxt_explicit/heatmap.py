@@ -1,0 +1,165 @@
+"""Token heatmaps: coloured terminal text, self-contained HTML and PNG.
+
+Colours are diverging and symmetric around zero: white for no relevance, red for positive and
+blue for negative relevance, with the strongest colour at the largest absolute relevance.
+Token strings are cleaned for display first (:func:`clean_tokens`).
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["clean_tokens", "colour", "terminal_heatmap", "html_heatmap", "png_heatmap"]
+
+_BYTE_LEVEL = {"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r"}
+
+
+def clean_tokens(tokens: Sequence[str]) -> list[str]:
+    """Display strings of tokenizer tokens.
+
+    Byte-level BPE (``'Ġthe'`` -> ``' the'``, ``'Ċ'`` -> newline), SentencePiece (``'▁the'`` ->
+    ``' the'``) and WordPiece continuations (``'##ing'`` -> ``'ing'``; other WordPiece tokens get a
+    leading space) are handled; special tokens stay as they are.
+    """
+    wordpiece = any(t.startswith("##") for t in tokens)
+    cleaned = []
+    for index, token in enumerate(tokens):
+        if wordpiece:
+            if token.startswith("##"):
+                cleaned.append(token[2:])
+            else:
+                cleaned.append(token if index == 0 or token.startswith("[") else " " + token)
+            continue
+        text = token.replace("▁", " ")
+        for marker, replacement in _BYTE_LEVEL.items():
+            text = text.replace(marker, replacement)
+        cleaned.append(text)
+    return cleaned
+
+
+def _as_list(relevance) -> list[float]:
+    if isinstance(relevance, torch.Tensor):
+        return relevance.detach().float().cpu().tolist()
+    return [float(r) for r in relevance]
+
+
+def colour(value: float, scale: float) -> tuple[int, int, int]:
+    """RGB colour of ``value`` on a diverging scale from ``-scale`` (blue) through 0 (white) to ``scale`` (red)."""
+    if scale <= 0 or value != value:
+        return (255, 255, 255)
+    t = max(-1.0, min(1.0, value / scale))
+    fade = int(round(255 * (1 - abs(t))))
+    return (255, fade, fade) if t >= 0 else (fade, fade, 255)
+
+
+def _scale(values: list[float]) -> float:
+    return max((abs(v) for v in values), default=0.0)
+
+
+def terminal_heatmap(tokens: Sequence[str], relevance, *, clean: bool = True) -> str:
+    """The tokens as text with 24-bit ANSI background colours (newlines kept)."""
+    values = _as_list(relevance)
+    scale = _scale(values)
+    texts = clean_tokens(tokens) if clean else list(tokens)
+    parts = []
+    for text, value in zip(texts, values):
+        r, g, b = colour(value, scale)
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                parts.append("\x1b[0m\n")
+            if line:
+                parts.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{line}\x1b[0m")
+    return "".join(parts)
+
+
+def html_heatmap(tokens: Sequence[str], relevance, *, title: str = "Relevance", subtitle: str = "") -> str:
+    """A self-contained HTML page of the tokens on coloured backgrounds; hovering shows each value."""
+    values = _as_list(relevance)
+    scale = _scale(values)
+    spans = []
+    for index, (text, value) in enumerate(zip(clean_tokens(tokens), values)):
+        r, g, b = colour(value, scale)
+        escaped = html_lib.escape(text).replace("\n", "<br>")
+        spans.append(
+            f'<span class="t" style="background:rgb({r},{g},{b})" '
+            f'title="#{index} {html_lib.escape(repr(tokens[index]))}: {value:.6g}">{escaped}</span>'
+        )
+    legend = (
+        f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html_lib.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.9}"
+        ".t{white-space:pre-wrap;border-radius:2px;padding:1px 0}"
+        ".legend{color:#555;font-size:90%}</style></head><body>"
+        f"<h2>{html_lib.escape(title)}</h2>"
+        + (f"<p>{html_lib.escape(subtitle)}</p>" if subtitle else "")
+        + f"<p class='legend'>{html_lib.escape(legend)}</p><div>{''.join(spans)}</div></body></html>\n"
+    )
+
+
+def png_heatmap(
+    tokens: Sequence[str], relevance, path: str | Path, *, title: str = "", width: float = 10.0, font_size: int = 11
+) -> Path:
+    """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("png_heatmap needs matplotlib: pip install matplotlib") from error
+    values = _as_list(relevance)
+    scale = _scale(values)
+    texts = [t.replace("\t", " ") for t in clean_tokens(tokens)]
+    dpi = 110
+    # a monospace font: every character advances by the same, measured width
+    probe = plt.figure(figsize=(width, 1), dpi=dpi)
+    sample = probe.text(0, 0, "M" * 50, fontsize=font_size, family="monospace")
+    char_px = sample.get_window_extent(probe.canvas.get_renderer()).width / 50
+    plt.close(probe)
+    line_px = font_size * 1.9 * dpi / 72
+    usable_px = width * dpi * 0.96
+    layout, x, line = [], 0.0, 0
+    for text, value in zip(texts, values):
+        for i, piece in enumerate(text.split("\n")):
+            if i:
+                x, line = 0.0, line + 1
+            if not piece:
+                continue
+            advance = len(piece) * char_px
+            if x + advance > usable_px and x > 0:
+                x, line = 0.0, line + 1
+            layout.append((x, line, piece, value))
+            x += advance
+    rows = line + 1 + (1 if title else 0) + 2  # title, tokens, blank, legend
+    height_px = rows * line_px + 0.2 * dpi
+    figure = plt.figure(figsize=(width, height_px / dpi), dpi=dpi)
+    axis = figure.add_axes([0.02, 0.0, 0.96, 1.0])
+    axis.set_axis_off()
+    axis.set_xlim(0, usable_px)
+    axis.set_ylim(height_px, 0)
+    top = (1.0 if title else 0.0) * line_px + 0.1 * dpi
+    if title:
+        axis.text(0, 0.6 * line_px, title, fontsize=font_size + 1, fontweight="bold", va="center", family="monospace")
+    for x, row, piece, value in layout:
+        r, g, b = colour(value, scale)
+        y = top + (row + 0.5) * line_px
+        axis.add_patch(
+            matplotlib.patches.Rectangle(
+                (x, y - 0.42 * line_px), len(piece) * char_px, 0.84 * line_px, facecolor=(r / 255, g / 255, b / 255),
+                edgecolor="none",
+            )
+        )
+        axis.text(x, y, piece, fontsize=font_size, family="monospace", va="center", ha="left")
+    axis.text(0, top + (line + 2) * line_px, f"blue = -{scale:.3g}   white = 0   red = +{scale:.3g}",
+              fontsize=font_size - 2, color="#555555", family="monospace", va="center")
+    path = Path(path)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
