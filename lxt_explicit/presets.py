@@ -33,7 +33,15 @@ from .oprules import (
 from .rules import IdentityRule
 from .stabilizer import DEFAULT_EPSILON
 
-__all__ = ["attnlrp", "cp_lrp", "op_rules", "transformer_layer_map", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "attnlrp",
+    "cp_lrp",
+    "op_rules",
+    "transformer_layer_map",
+    "SUPPORTED_ARCHITECTURES",
+    "EMBEDDING_PARAMETERS",
+    "supported_architectures_table",
+]
 
 #: Architectures whose unmodified transformers classes the presets are tested on
 #: (family -> classes).  Each has a zero-unhandled-ops audit and a Gradient x Input
@@ -54,6 +62,13 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     ),
     "ViT": ("ViTForImageClassification", "ViTModel"),
 }
+
+def supported_architectures_table() -> str:
+    """The README's table of supported architectures, generated from :data:`SUPPORTED_ARCHITECTURES`."""
+    rows = ["| family | transformers classes |", "|---|---|"]
+    rows += [f"| {family} | {', '.join(f'`{c}`' for c in classes)} |" for family, classes in SUPPORTED_ARCHITECTURES.items()]
+    return "\n".join(rows)
+
 
 _TORCH_ACTIVATIONS = (
     nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus,

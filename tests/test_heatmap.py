@@ -1,0 +1,41 @@
+"""Token cleaning and the three heatmap formats."""
+
+import re
+
+import torch
+
+from lxt_explicit.heatmap import clean_tokens, colour, html_heatmap, png_heatmap, terminal_heatmap
+
+
+def test_clean_tokens_of_the_three_tokenizer_families():
+    assert clean_tokens(["The", "Ġcapital", "Ċ", "Ġis", "ĉx"]) == ["The", " capital", "\n", " is", "\tx"]
+    assert clean_tokens(["▁The", "▁capit", "al", "<s>"]) == [" The", " capit", "al", "<s>"]
+    assert clean_tokens(["[CLS]", "the", "capit", "##al", "[SEP]"]) == ["[CLS]", " the", " capit", "al", "[SEP]"]
+
+
+def test_colours_are_diverging_and_symmetric():
+    assert colour(0.0, 2.0) == (255, 255, 255)
+    assert colour(2.0, 2.0) == (255, 0, 0) and colour(-2.0, 2.0) == (0, 0, 255)
+    r, g, b = colour(1.0, 2.0)
+    assert (b, g, r) == colour(-1.0, 2.0)  # mirror image
+    assert colour(5.0, 2.0) == (255, 0, 0)  # clipped
+    assert colour(1.0, 0.0) == (255, 255, 255)
+
+
+def test_terminal_heatmap_has_one_colour_per_token_and_keeps_newlines():
+    text = terminal_heatmap(["ĠA", "Ċ", "ĠB"], torch.tensor([1.0, 0.0, -1.0]))
+    assert "\x1b[48;2;255;0;0m" in text and "\x1b[48;2;0;0;255m" in text and "\n" in text
+    assert re.sub(r"\x1b\[[0-9;]*m", "", text) == " A\n B"
+
+
+def test_html_heatmap_is_self_contained_and_shows_values_on_hover():
+    page = html_heatmap(["Ġa", "Ġ<b>"], [0.5, -0.25], title="T")
+    assert page.startswith("<!DOCTYPE html>") and "http" not in page
+    assert 'title="#0 &#x27;Ġa&#x27;: 0.5"' in page and "&lt;b&gt;" in page
+    assert "rgb(255,0,0)" in page and "rgb(127,127,255)" in page or "rgb(128,128,255)" in page
+
+
+def test_png_heatmap_writes_an_image(tmp_path):
+    path = png_heatmap(["ĠThe"] * 60 + ["Ċ", "Ġend"], torch.linspace(-1, 1, 62), tmp_path / "h.png", title="t")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
