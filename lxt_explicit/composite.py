@@ -86,9 +86,8 @@ class CompositeObserver:
 
 
 def _matcher(key) -> Callable[[str, nn.Module], bool]:
-    if isinstance(key, type) and issubclass(key, nn.Module):
-        return lambda name, module: isinstance(module, key)
-    if isinstance(key, tuple) and key and all(isinstance(k, type) and issubclass(k, nn.Module) for k in key):
+    # classes are matched with isinstance, which also covers abstract groups such as zennit.types.Linear
+    if isinstance(key, type) or (isinstance(key, tuple) and key and all(isinstance(k, type) for k in key)):
         return lambda name, module: isinstance(module, key)
     if isinstance(key, str):
         if any(ch in key for ch in "*?["):
@@ -99,8 +98,37 @@ def _matcher(key) -> Callable[[str, nn.Module], bool]:
     if callable(key) and not isinstance(key, type):
         return key
     raise TypeError(
-        f"unsupported layer-map key {key!r}: use an nn.Module subclass (or a tuple of them), a module name, "
+        f"unsupported layer-map key {key!r}: use a module class (or a tuple of them), a module name, "
         "a name pattern (glob string or compiled regular expression), or a predicate (name, module) -> bool"
+    )
+
+
+class ExternalHook:
+    """A layer-map value that follows Zennit's hook protocol (``copy()``, ``register(module) -> handles``).
+
+    Zennit's rules (``zennit.rules.Gamma(gamma=0.25)``, ...) are such hooks: they compute a module's
+    relevance from backward hooks on its input and output.  The Composite registers a copy on each
+    matched module and runs the module's own forward unrouted, so that the hook alone decides the
+    module's relevance.
+    """
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def copy(self) -> "ExternalHook":
+        return ExternalHook(self.hook.copy())
+
+    def __repr__(self) -> str:
+        if self.hook is None:
+            return "zennit composite hook"
+        return f"{type(self.hook).__module__}.{type(self.hook).__name__}"
+
+
+def _is_external_hook(value) -> bool:
+    return (
+        not isinstance(value, (type, Rule))
+        and callable(getattr(value, "copy", None))
+        and callable(getattr(value, "register", None))
     )
 
 
@@ -111,9 +139,11 @@ def _rule_template(key, value):
         return value()
     if isinstance(value, Rule):
         return value
+    if _is_external_hook(value):
+        return ExternalHook(value)
     raise TypeError(
-        f"the rule for layer-map key {key!r} must be a Rule subclass, a configured Rule instance or None; "
-        f"got {value!r}"
+        f"the rule for layer-map key {key!r} must be a Rule subclass, a configured Rule instance, a Zennit rule "
+        f"(an object with copy() and register(module)), or None; got {value!r}"
     )
 
 
@@ -225,6 +255,9 @@ class _Registration:
         self.checkpointing: list[tuple[nn.Module, Callable, Callable]] = []
         self.frozen: list[tuple[nn.Parameter, bool]] = []
         self.canonizer_handles: list = []
+        self.hook_handles: list = []
+        self.zennit_composite = None
+        self.slots: list[tuple[nn.Module, dict, dict, set]] = []
         self.sources: dict[str, torch.Tensor] = {}
         self.parameter_sources: dict[int, tuple[str, nn.Parameter]] = {}
         self.parameter_leaves: dict[int, torch.Tensor] = {}
@@ -286,6 +319,14 @@ class _Registration:
                 if rule is None or state.paused:
                     return original(*args, **kwargs)
                 state.paused += 1
+                if isinstance(rule, ExternalHook):  # the hook computes this module's relevance
+                    try:
+                        output = original(*args, **kwargs)
+                    finally:
+                        state.paused -= 1
+                    for observer in composite._observers:
+                        observer.on_op(name, repr(rule), "rule", rule)
+                    return output
                 try:
                     output = rule(original, *args, **kwargs)
                 except (TypeError, ValueError) as error:
@@ -306,6 +347,42 @@ class _Registration:
         if rule is not None:
             self.assigned[name] = rule
         self.wrapped.append((module, had_own, original, forward))
+
+    def record_slots(self, model: nn.Module):
+        """Remember every module's parameter and buffer objects, and which attributes shadow them."""
+        for module in model.modules():
+            shadowed = {k for k in (*module._parameters, *module._buffers) if k in module.__dict__}
+            self.slots.append((module, dict(module._parameters), dict(module._buffers), shadowed))
+
+    def restore_slots(self):
+        """Put back the recorded parameter and buffer objects (canonizers and Zennit 1.0 replace them)."""
+        for module, parameters, buffers, shadowed in self.slots:
+            for store, recorded in ((module._parameters, parameters), (module._buffers, buffers)):
+                for key in list(store):
+                    if key not in recorded:
+                        del store[key]
+                for key, value in recorded.items():
+                    if store.get(key) is not value:
+                        store[key] = value
+                    if key not in shadowed:
+                        module.__dict__.pop(key, None)
+        self.slots.clear()
+
+    def freeze(self, model: nn.Module):
+        """Treat every parameter (not yet frozen) as a constant; remember how to restore it."""
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                self.frozen.append((parameter, True))
+                parameter.requires_grad_(False)
+
+    def register_zennit_composite(self, model: nn.Module, zennit_composite) -> set[int]:
+        """Register a Zennit composite; return the ids of the modules it put hooks on."""
+        if zennit_composite is None:
+            return set()
+        before = {id(m): len(m._forward_pre_hooks) for m in model.modules()}
+        zennit_composite.register(model)
+        self.zennit_composite = zennit_composite
+        return {id(m) for m in model.modules() if len(m._forward_pre_hooks) > before.get(id(m), 0)}
 
     def route_checkpointing(self, name: str, module: nn.Module):
         """Make the recomputation of a checkpointed layer (transformers' ``_gradient_checkpointing_func``) run routed.
@@ -406,12 +483,19 @@ class _Registration:
             if module.__dict__.get("_gradient_checkpointing_func") is routed:
                 module._gradient_checkpointing_func = checkpoint
         self.checkpointing.clear()
-        for parameter, requires_grad in self.frozen:
-            parameter.requires_grad_(requires_grad)
-        self.frozen.clear()
+        for handle in reversed(self.hook_handles):
+            handle.remove()
+        self.hook_handles.clear()
+        if self.zennit_composite is not None:
+            self.zennit_composite.remove()
+            self.zennit_composite = None
         for handle in reversed(self.canonizer_handles):
             handle.remove()
         self.canonizer_handles.clear()
+        self.restore_slots()
+        for parameter, requires_grad in reversed(self.frozen):
+            parameter.requires_grad_(requires_grad)
+        self.frozen.clear()
         self.sources = {}
         self.parameter_leaves = {}
         self.parameter_sources = {}
@@ -423,8 +507,9 @@ class Composite:
     Parameters
     ----------
     layer_map : dict, optional
-        Keys select modules: an ``nn.Module`` subclass (matched with
-        ``isinstance``, so subclasses are covered) or a tuple of them, a module
+        Keys select modules: a module class (matched with ``isinstance``, so
+        subclasses and abstract groups such as ``zennit.types.Convolution`` are
+        covered) or a tuple of them, a module
         name (``"model.layers.0.mlp"``), a glob pattern of names
         (``"*.mlp.act_fn"``) or compiled regular expression, or a predicate
         ``(name, module) -> bool``.  Values are :class:`~lxt_explicit.rules.Rule`
@@ -440,6 +525,11 @@ class Composite:
     canonizers : list, optional
         Objects with ``apply(model) -> handles`` (Zennit's canonizers and ours),
         applied on :meth:`register` before the rules and undone on :meth:`remove`.
+    zennit_composite : zennit.core.Composite, optional
+        A Zennit composite (e.g. ``EpsilonPlusFlat()``) registered together with this one: its
+        canonizers and hooks are applied after this Composite's canonizers, the modules it hooks run
+        unrouted (the hook decides their relevance), and everything else gets this Composite's rules,
+        in one backward pass.
     parameter_sources : iterable of str, optional
         Names or glob patterns of parameters that are inputs of the explanation
         (e.g. ViT's ``"*embeddings.cls_token"``): in each forward pass they are
@@ -467,10 +557,12 @@ class Composite:
         ops: dict | None = None,
         canonizers: Iterable | None = None,
         parameter_sources: Iterable[str] = (),
+        zennit_composite=None,
         strict: bool = False,
         warn_unmatched: bool = True,
     ):
         layer_map = dict(layer_map or {})
+        self.zennit_composite = zennit_composite
         self.parameter_sources = tuple(parameter_sources)
         self._layer_map = [(key, _matcher(key), _rule_template(key, value)) for key, value in layer_map.items()]
         self.ops = dict(ops or {})
@@ -486,6 +578,25 @@ class Composite:
     def model(self) -> nn.Module | None:
         """The model this Composite is registered on, or ``None``."""
         return self._registration.model if self._registration else None
+
+    @property
+    def handles(self) -> list:
+        """Non-empty while registered (Zennit's attributors check it to know whether to register)."""
+        if self._registration is None:
+            return []
+        return [forward for _, _, _, forward in self._registration.wrapped]
+
+    @contextmanager
+    def inactive(self) -> Iterator["Composite"]:
+        """Run forward passes without the rules inside a ``with`` block (Zennit's composite protocol)."""
+        state = self._registration.state if self._registration is not None else None
+        if state is not None:
+            state.paused += 1
+        try:
+            yield self
+        finally:
+            if state is not None:
+                state.paused -= 1
 
     def rule_for(self, name: str, module: nn.Module) -> Rule | None:
         """The rule template the layer map gives ``module`` (named ``name``), or ``None``."""
@@ -525,11 +636,14 @@ class Composite:
         self.remove()
         registration = _Registration(self, model)
         try:
+            # Parameters are frozen before canonizers run, so that tensors computed from them (merged
+            # batch-norm weights) are constants too; parameters the canonizers create are frozen after.
+            registration.record_slots(model)
+            registration.freeze(model)
             for canonizer in self.canonizers:
                 registration.canonizer_handles.extend(canonizer.apply(model))
-            for parameter in model.parameters():
-                registration.frozen.append((parameter, parameter.requires_grad))
-                parameter.requires_grad_(False)
+            hooked = registration.register_zennit_composite(model, self.zennit_composite)
+            registration.freeze(model)
             for name, parameter in model.named_parameters():
                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.parameter_sources):
                     registration.parameter_sources[id(parameter)] = (name, parameter)
@@ -538,13 +652,20 @@ class Composite:
             for name, module in model.named_modules():
                 inside_rule = any(name.startswith(prefix) for prefix in ruled_prefixes)
                 template = None
-                if not inside_rule:
+                if id(module) in hooked and not inside_rule:
+                    template = ExternalHook(None)  # hooked by the Zennit composite: runs unrouted
+                elif not inside_rule:
                     for index, (_, match, candidate) in enumerate(self._layer_map):
                         if match(name, module):
                             used[index] = True
                             template = candidate
                             break
-                rule = template.copy() if template is not None else None
+                if isinstance(template, ExternalHook) and template.hook is None:
+                    rule = template
+                else:
+                    rule = template.copy() if template is not None else None
+                if isinstance(rule, ExternalHook) and rule.hook is not None:
+                    registration.hook_handles.extend(rule.hook.register(module))
                 if rule is not None:
                     ruled_prefixes.append(f"{name}." if name else "")
                 registration.wrap(name, module, rule)

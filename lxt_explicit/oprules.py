@@ -18,6 +18,7 @@ reports the call as unhandled).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ __all__ = [
     "DivByConstant",
     "SoftmaxTaylor",
     "AttentionRule",
+    "MultiheadAttentionRule",
     "LayerNormRule",
     "DropoutRule",
     "ReduceEpsilon",
@@ -247,6 +249,91 @@ class AttentionRule(_EpsilonOption):
         )
 
 
+class MultiheadAttentionRule(AttentionRule):
+    """AttnLRP / CP-LRP for ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, torchvision's ViT).
+
+    The function's standard path is replayed with the library's operations: epsilon rule on the
+    input and output projections, :class:`AttentionRule` on the attention itself.  Calls with
+    ``bias_k``/``bias_v``, ``add_zero_attn``, static keys/values or active dropout are not covered
+    (they are reported as unhandled).  Returned attention weights, if requested, carry no relevance.
+    """
+
+    _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+    def __call__(self, func, args, kwargs):
+        p = self._SIGNATURE.bind(*args, **kwargs)
+        p.apply_defaults()
+        a = p.arguments
+        if (
+            a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]
+            or a["static_k"] is not None or a["static_v"] is not None or (a["training"] and a["dropout_p"] > 0)
+        ):
+            return NotImplemented
+        query, key, value = a["query"], a["key"], a["value"]
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        tgt_len, bsz, embed_dim = query.shape
+        heads = a["num_heads"]
+        head_dim = embed_dim // heads
+        q, k, v = self._project(query, key, value, a, embed_dim)
+        attn_mask = self._merged_mask(a, query.dtype, bsz, heads, tgt_len, key.shape[0], batched)
+        is_causal = bool(a["is_causal"]) and attn_mask is None
+        q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, tgt_len, head_dim)
+        k = k.view(k.shape[0], bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, -1, head_dim)
+        v = v.view(v.shape[0], bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, -1, head_dim)
+        out = lf.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                              epsilon=self.epsilon, cp=self.cp)
+        out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
+        out = lf.linear_epsilon(out, a["out_proj_weight"], a["out_proj_bias"], epsilon=self.epsilon)
+        out = out.view(tgt_len, bsz, embed_dim)
+        weights = None
+        if a["need_weights"]:
+            with torch.no_grad():
+                scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+                if attn_mask is not None:
+                    scores = scores + attn_mask
+                weights = torch.softmax(scores, -1)
+                weights = weights.mean(1) if a["average_attn_weights"] else weights
+                weights = weights if batched else weights.squeeze(0)
+        return (out if batched else out.squeeze(1)), weights
+
+    def _project(self, query, key, value, a, embed_dim):
+        linear = lambda x, w, b: lf.linear_epsilon(x, w, b, epsilon=self.epsilon)  # noqa: E731
+        if a["use_separate_proj_weight"]:
+            biases = a["in_proj_bias"].chunk(3) if a["in_proj_bias"] is not None else (None, None, None)
+            weights = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+            return tuple(linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+        weight, bias = a["in_proj_weight"], a["in_proj_bias"]
+        if key is value and query is key:
+            packed = linear(query, weight, bias).unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2)
+            packed = packed.squeeze(-2).contiguous()
+            return packed[0], packed[1], packed[2]
+        w_q, w_k, w_v = weight.chunk(3)
+        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
+
+    @staticmethod
+    def _merged_mask(a, dtype, bsz, heads, tgt_len, src_len, batched):
+        def additive(mask):
+            if mask is None or mask.dtype != torch.bool:
+                return mask
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+        attn_mask = additive(a["attn_mask"])
+        padding = additive(a["key_padding_mask"])
+        if padding is not None and not batched:
+            padding = padding.unsqueeze(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.view(1, 1, tgt_len, src_len) if attn_mask.dim() == 2 else attn_mask.view(
+                bsz, heads, tgt_len, src_len
+            )
+        if padding is not None:
+            padding = padding.view(bsz, 1, 1, src_len)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        return attn_mask
+
+
 class LayerNormRule(_EpsilonOption):
     """Rules of :func:`~lxt_explicit.functional.layer_norm` for ``F.layer_norm``."""
 
@@ -319,6 +406,7 @@ OP_GROUPS: dict[str, tuple[Callable, ...]] = {
     "neg": (torch.neg, torch.negative, Tensor.neg, Tensor.negative, Tensor.__neg__),
     "softmax": (F.softmax, torch.softmax, Tensor.softmax),
     "attention": (F.scaled_dot_product_attention,),
+    "multi_head_attention": (F.multi_head_attention_forward,),
     "layer_norm": (F.layer_norm,),
     "rms_norm": _existing(getattr(F, "rms_norm", None)),
     "normalize": (F.normalize,),

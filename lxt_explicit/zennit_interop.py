@@ -1,0 +1,218 @@
+"""Zennit interoperability and vision presets: the only module of the library that imports Zennit.
+
+Zennit and lxt_explicit meet in one backward pass, in both directions:
+
+* Zennit rules are layer-map values of a :class:`~lxt_explicit.Composite`
+  (``{nn.Conv2d: zennit.rules.Gamma(gamma=0.25)}``), Zennit canonizers are its ``canonizers``,
+  and a whole Zennit composite is registered with it through ``zennit_composite=``;
+* a :class:`~lxt_explicit.Composite` follows Zennit's composite protocol (``register``,
+  ``remove``, ``context``, ``handles``, ``inactive``), so it can be handed to Zennit's attributors:
+  ``zennit.attribution.Gradient(model, composite)``.
+
+Tested with Zennit 0.5.1 (what a fresh install gets on Python 3.11) and Zennit 1.0.0.
+
+Vision presets combine the AttnLRP / CP-LRP rules for attention with Zennit's Gamma rule on the
+linear and convolution layers, against gradient shattering in deep vision models (AttnLRP paper,
+appendix A.2.3): :func:`vision_transformer` for Hugging Face's ``ViTForImageClassification`` and
+torchvision's ``VisionTransformer`` (``vit_b_16``), :func:`convolutional` for CNNs with a Zennit
+composite.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonPlusFlat
+from zennit.image import imgify, palette
+from zennit.rules import Gamma
+
+from .composite import Composite, RelevanceSource
+from .oprules import AddEpsilon, DropoutRule, PlainGradient
+from .presets import EMBEDDING_PARAMETERS, op_rules, transformer_layer_map
+from .stabilizer import DEFAULT_EPSILON
+
+__all__ = [
+    "ZENNIT_VERSION",
+    "ExactSequentialMergeBatchNorm",
+    "vision_transformer",
+    "convolutional",
+    "image_heatmap",
+    "VISION_PARAMETER_SOURCES",
+]
+
+#: The installed Zennit's version (the distribution's metadata: Zennit has no ``__version__``).
+ZENNIT_VERSION: str = version("zennit")
+
+#: Parameters that vision transformers add to the patch embeddings: Hugging Face ViT's class token
+#: and position embeddings (see :data:`~lxt_explicit.presets.EMBEDDING_PARAMETERS`) and
+#: torchvision's ``class_token`` and ``encoder.pos_embedding``.
+VISION_PARAMETER_SOURCES: tuple[str, ...] = EMBEDDING_PARAMETERS + ("class_token", "encoder.pos_embedding")
+
+#: Output layers of the vision transformers, which keep the epsilon rule (no Gamma).
+_HEADS = ("classifier", "heads", "heads.*", "head")
+
+#: Patch embeddings, the relevance sources with ``relevance_at="patches"``.
+_PATCH_EMBEDDINGS = ("*embeddings.patch_embeddings", "conv_proj")
+
+
+class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
+    """Zennit's :class:`~zennit.canonizers.SequentialMergeBatchNorm`, exact and without traces.
+
+    * After folding a batch norm into the preceding linear layer, Zennit 0.5.1 sets the batch
+      norm's ``running_var`` to 1 but keeps its ``eps``, so the batch norm still divides by
+      ``sqrt(1 + eps)`` (about 2e-2 on EfficientNet-Lite0's logits over 49 batch norms).  This
+      subclass sets ``running_var`` to ``1 - eps``, which is exact (Zennit 1.0.0 sets ``eps`` to 0
+      itself).
+    * Zennit 1.0.0 shadows parameters with instance attributes, leaves the bias it creates for a
+      bias-free layer registered after ``remove()``, and its rules reload parameters with
+      ``load_state_dict(assign=True)`` (which then keeps merged weights); this subclass puts the
+      original parameter and buffer objects back, so the modules are exactly as before.
+    """
+
+    @staticmethod
+    def merge_batch_norm(modules, batch_norm):
+        """Fold ``batch_norm`` into ``modules`` and make ``batch_norm`` the exact identity."""
+        SequentialMergeBatchNorm.merge_batch_norm(modules, batch_norm)
+        batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 1.0 - batch_norm.eps)
+
+    def register(self, linears, batch_norm):
+        """Remember the parameter and buffer objects of the modules, then merge."""
+        self.recorded = [(m, dict(m._parameters), dict(m._buffers)) for m in (*linears, batch_norm)]
+        super().register(linears, batch_norm)
+
+    def remove(self):
+        """Undo the merge and everything it (or Zennit 1.0's parameter modifiers) left behind."""
+        super().remove()
+        for module, parameters, buffers in self.recorded:
+            for store, recorded in ((module._parameters, parameters), (module._buffers, buffers)):
+                for key in list(store):
+                    if key not in recorded:
+                        del store[key]
+                for key, value in recorded.items():
+                    store[key] = value
+                    module.__dict__.pop(key, None)
+
+    def copy(self):
+        return type(self)()
+
+
+def vision_transformer(
+    *,
+    method: str = "attnlrp",
+    gamma: float = 0.25,
+    conv_gamma: float = 0.25,
+    epsilon: float = DEFAULT_EPSILON,
+    relevance_at: str = "pixels",
+) -> Composite:
+    """AttnLRP or CP-LRP for attention, Zennit's Gamma rule on linear and convolution layers.
+
+    For Hugging Face ``ViTForImageClassification`` / ``ViTModel`` and torchvision's
+    ``VisionTransformer`` (``vit_b_16`` and relatives).  The classifier head keeps the epsilon rule;
+    the class token and position embeddings are relevance sources.
+
+    Parameters
+    ----------
+    method : {'attnlrp', 'cp_lrp'}
+        Rules for the attention weights.
+    gamma : float
+        Gamma of the linear layers inside the encoder.
+    conv_gamma : float
+        Gamma of the patch-embedding convolution.
+    epsilon : float
+        Stabilizer of the lxt_explicit rules and of the Gamma rules.
+    relevance_at : {'pixels', 'patches'}
+        Where the relevance is collected: at the image (make ``pixel_values`` require a gradient
+        and read its ``.grad``) or at the patch embeddings (a relevance source; read
+        :meth:`~lxt_explicit.Composite.source_relevance`).
+
+    Returns
+    -------
+    Composite
+    """
+    if method not in ("attnlrp", "cp_lrp"):
+        raise ValueError(f"method must be 'attnlrp' or 'cp_lrp', got {method!r}")
+    if relevance_at not in ("pixels", "patches"):
+        raise ValueError(f"relevance_at must be 'pixels' or 'patches', got {relevance_at!r}")
+    layer_map: dict = {}
+    if relevance_at == "patches":
+        for pattern in _PATCH_EMBEDDINGS:
+            layer_map[pattern] = RelevanceSource
+    for pattern in _HEADS:
+        layer_map[pattern] = None
+    layer_map[nn.Conv2d] = Gamma(gamma=conv_gamma, stabilizer=epsilon)
+    layer_map[nn.Linear] = Gamma(gamma=gamma, stabilizer=epsilon)
+    layer_map.update(transformer_layer_map())
+    return Composite(
+        layer_map,
+        ops=op_rules(epsilon=epsilon, cp=method == "cp_lrp"),
+        parameter_sources=VISION_PARAMETER_SOURCES,
+        warn_unmatched=False,
+    )
+
+
+def convolutional(
+    zennit_composite=None, *, residual_rule: bool = True, epsilon: float = DEFAULT_EPSILON
+) -> Composite:
+    """A Zennit composite for a CNN, registered through lxt_explicit (one backward pass).
+
+    Parameters
+    ----------
+    zennit_composite : zennit.core.Composite, optional
+        Default: ``EpsilonPlusFlat`` with :class:`ExactSequentialMergeBatchNorm` as canonizer.
+    residual_rule : bool
+        Give residual sums (``x + f(x)``) the epsilon rule.  With ``False`` they keep the plain
+        gradient, which passes the whole relevance to both summands, as Zennit alone does; the
+        result then equals Zennit alone.
+    epsilon : float
+        Stabilizer of the residual sums.
+
+    Returns
+    -------
+    Composite
+    """
+    if zennit_composite is None:
+        zennit_composite = EpsilonPlusFlat(canonizers=[ExactSequentialMergeBatchNorm()])
+    ops = {
+        "add": AddEpsilon(epsilon=epsilon) if residual_rule else PlainGradient(),
+        "dropout": DropoutRule(),
+    }
+    return Composite(ops=ops, zennit_composite=zennit_composite, warn_unmatched=False)
+
+
+def image_heatmap(relevance: torch.Tensor, path: str | Path, *, cmap: str = "coldnhot", level: float = 1.0) -> Path:
+    """Save a relevance map of an image as PNG with Zennit's image tools.
+
+    Parameters
+    ----------
+    relevance : torch.Tensor
+        ``(1, C, H, W)``, ``(C, H, W)`` or ``(H, W)``; channels are summed.
+    path : str or Path
+        Output file.
+    cmap : str
+        A Zennit colour map (``'coldnhot'``, ``'bwr'``, ``'france'``, ...); diverging and
+        symmetric around zero.
+    level : float
+        Contrast: values beyond ``max|R| / level`` saturate.
+
+    Returns
+    -------
+    Path
+    """
+    heat = relevance.detach().float().cpu()
+    while heat.dim() > 3:
+        heat = heat[0]
+    if heat.dim() == 3:
+        heat = heat.sum(0)
+    if not torch.isfinite(heat).all():
+        raise ValueError("the relevance map has NaN or infinite values")
+    image = imgify(heat.numpy(), symmetric=True, cmap=cmap, level=level)
+    # Zennit hands Pillow its palette as a NumPy array, which Pillow 11+ cannot write; pass bytes.
+    image.putpalette(np.asarray(palette(cmap, level), dtype=np.uint8).tobytes())
+    path = Path(path)
+    image.save(path)
+    return path
