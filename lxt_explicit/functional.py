@@ -116,6 +116,8 @@ def _rows_with_relevance(relevance: torch.Tensor):
     if relevance.dim() < 2 or relevance.numel() < (1 << 16):
         return None
     flat = relevance.reshape(-1, relevance.shape[-1])
+    if flat[0].any():  # inside a network the first position nearly always carries relevance: dense
+        return None
     rows = flat.any(-1).nonzero().squeeze(-1)
     return rows if rows.numel() < 0.5 * flat.shape[0] else None
 
