@@ -59,6 +59,18 @@ def test_linear_epsilon_zero_and_slightly_negative_denominators():
     assert (R[0, 1] / stab(z, 1e-6)[0, 1]) < 0
 
 
+@pytest.mark.parametrize("rows", [[63], [0, 5], list(range(40))])
+def test_linear_epsilon_with_relevance_in_few_rows_equals_the_formula(rows):
+    # large enough (>= 2**16 relevance entries) for the backward pass to skip rows without relevance
+    x, W = leaf(1, 64, 32), torch.randn(1200, 32, dtype=D)
+    R = torch.zeros(1, 64, 1200, dtype=D)
+    R[0, rows] = torch.randn(len(rows), 1200, dtype=D)
+    lf.linear_epsilon(x, W, epsilon=EPS).backward(R)
+    z = F.linear(x, W).detach()
+    expected = torch.einsum("...i,ji,...j->...i", x.detach(), W, R / stab(z, EPS))
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_linear_weight_and_bias_receive_no_relevance():
     x, W, b = leaf(2, 3), leaf(4, 3), leaf(4)
     lf.linear_epsilon(x, W, b).sum().backward()
