@@ -251,3 +251,13 @@ def test_registration_has_no_process_global_side_effects():
         assert dict(ALL_ATTENTION_FUNCTIONS.items()) == registry
     assert functions == {name: getattr(F, name) for name in functions}
     assert transformers.__version__.startswith("5.")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_runs_unchanged_while_registered(arch):
+    model = tm.build(arch)
+    ids = tm.inputs(arch)["input_ids"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    with lxt.attnlrp().context(model):
+        assert torch.equal(model.generate(ids, **kwargs), expected)

@@ -293,3 +293,22 @@ def test_efficientnet_through_ours_equals_zennit_alone(efficientnet, tmp_path):
     assert torch.isfinite(ours).all() and not torch.allclose(ours, reference)
     path = image_heatmap(ours, tmp_path / "chelsea.png")
     assert path.stat().st_size > 10_000
+
+
+def test_full_size_vit_b_16_audits_clean_and_keeps_its_logits():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    with torch.no_grad():
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    x = torch.randn(1, 3, 224, 224)
+    reference = model(x.clone().requires_grad_()).detach()
+    composite = vision_transformer(method="cp_lrp")
+    report = audit(model, composite, x)
+    assert report.unhandled == [] and report.counts()["rule"] > 100
+    pixels = x.clone().requires_grad_()
+    with composite.context(model):
+        out = model(pixels)
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        goal = out[0].max()
+        goal.backward(goal.detach())
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
