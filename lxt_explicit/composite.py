@@ -14,9 +14,10 @@ file or registry is changed:
   ``requires_grad`` is switched off, and a tensor carries relevance exactly
   when it requires a gradient.
 
-``remove()`` deletes the instance attributes and restores ``requires_grad``,
-leaving module types, the module tree, parameters, state-dict keys and hooks
-as they were.
+``remove()`` deletes the instance attributes, reverts canonizers, puts back
+every parameter and buffer object and restores ``requires_grad``, leaving
+module types, the module tree, parameters, state-dict keys and hooks as they
+were.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class ExternalHook:
         if self.hook is None:
             return "zennit composite hook"
         return f"{type(self.hook).__module__}.{type(self.hook).__name__}"
+
+
+#: Marks the modules that a registered Zennit composite put hooks on (they run unrouted).
+_HOOKED_BY_ZENNIT_COMPOSITE = ExternalHook(None)
 
 
 def _is_external_hook(value) -> bool:
@@ -650,22 +655,19 @@ class Composite:
             used = [False] * len(self._layer_map)
             ruled_prefixes: list[str] = []
             for name, module in model.named_modules():
-                inside_rule = any(name.startswith(prefix) for prefix in ruled_prefixes)
-                template = None
-                if id(module) in hooked and not inside_rule:
-                    template = ExternalHook(None)  # hooked by the Zennit composite: runs unrouted
-                elif not inside_rule:
-                    for index, (_, match, candidate) in enumerate(self._layer_map):
+                rule = None
+                if any(name.startswith(prefix) for prefix in ruled_prefixes):
+                    pass  # run by the rule of an enclosing module
+                elif id(module) in hooked:
+                    rule = _HOOKED_BY_ZENNIT_COMPOSITE
+                else:
+                    for index, (_, match, template) in enumerate(self._layer_map):
                         if match(name, module):
                             used[index] = True
-                            template = candidate
+                            rule = template.copy() if template is not None else None
                             break
-                if isinstance(template, ExternalHook) and template.hook is None:
-                    rule = template
-                else:
-                    rule = template.copy() if template is not None else None
-                if isinstance(rule, ExternalHook) and rule.hook is not None:
-                    registration.hook_handles.extend(rule.hook.register(module))
+                    if isinstance(rule, ExternalHook):
+                        registration.hook_handles.extend(rule.hook.register(module))
                 if rule is not None:
                     ruled_prefixes.append(f"{name}." if name else "")
                 registration.wrap(name, module, rule)
