@@ -419,6 +419,9 @@ OP_GROUPS: dict[str, tuple[Callable, ...]] = {
     ),
     "dropout": (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d),
     "conv": (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+    "avg_pool": (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                 F.adaptive_avg_pool3d),
+    "batch_norm": (F.batch_norm,),
 }
 
 #: Torch functions that only move, copy, select, cast or reshape elements.  Their
@@ -443,6 +446,9 @@ RELEVANCE_NEUTRAL: frozenset = frozenset(
         torch.tril, torch.triu, Tensor.unfold, Tensor.index_put, Tensor.index_put_, Tensor.scatter,
         torch.scatter, Tensor.masked_select, Tensor.requires_grad_, Tensor.__iter__, Tensor.T.__get__,
         Tensor.mT.__get__, Tensor.H.__get__, Tensor.mH.__get__, Tensor.real.__get__,
+        # max pooling passes relevance to the maximum, as its gradient does (the usual LRP convention)
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d,
     )
 )
 

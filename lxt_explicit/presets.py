@@ -144,6 +144,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str,
         "activation": ElementwiseIdentity(),
         "dropout": DropoutRule(),
         "conv": GenericEpsilon(epsilon=epsilon),
+        "avg_pool": GenericEpsilon(epsilon=epsilon),
+        "batch_norm": GenericEpsilon(epsilon=epsilon),
     }
 
 

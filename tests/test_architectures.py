@@ -174,7 +174,7 @@ def test_training_mode_with_gradient_checkpointing_gives_the_same_relevance(arch
     model = tm.build(arch)
     inputs = tm.inputs(arch)
     expected, _ = explain(model, arch, inputs, lxt.attnlrp())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     try:
         if reentrant:  # reentrant checkpointing needs an input that requires grad to build the graph
@@ -183,7 +183,7 @@ def test_training_mode_with_gradient_checkpointing_gives_the_same_relevance(arch
         layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
         assert layers and all("_gradient_checkpointing_func" in m.__dict__ for m in layers)
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.eval()
     for name in expected:
         assert max_relative_error(actual[name], expected[name]) <= 1e-10, name

@@ -12,14 +12,14 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
-from zennit.rules import Epsilon, Gamma, Pass
-from zennit.types import Activation
+from zennit.rules import Epsilon, Gamma, Norm, Pass
+from zennit.types import Activation, AvgPool, BatchNorm
 
 import lxt_explicit.functional as lf
 import tiny_models as tm
 from lxt_explicit import Composite
 from lxt_explicit.diagnostics import RelevanceTrace, audit
-from lxt_explicit.oprules import AddEpsilon
+from lxt_explicit.oprules import AddEpsilon, PlainGradient
 from lxt_explicit.zennit_interop import (
     ZENNIT_VERSION,
     ExactSequentialMergeBatchNorm,
@@ -77,7 +77,10 @@ def through_ours(model, composite, x, target=0):
 
 
 def layer_map():
-    return [(Activation, Pass()), (nn.Conv2d, Gamma(gamma=0.25)), (nn.Linear, Epsilon())]
+    return [
+        (Activation, Pass()), (BatchNorm, Pass()), (AvgPool, Norm()), (nn.Conv2d, Gamma(gamma=0.25)),
+        (nn.Linear, Epsilon()),
+    ]
 
 
 def relative(a, b):
@@ -87,7 +90,8 @@ def relative(a, b):
 def test_zennit_rules_as_layer_map_values_equal_zennit_alone(cnn):
     x = torch.randn(2, 3, 8, 8, dtype=D)
     reference, plain = zennit_alone(cnn, LayerMapComposite(layer_map(), canonizers=[SequentialMergeBatchNorm()]), x)
-    ours = Composite(dict(layer_map()), canonizers=[SequentialMergeBatchNorm()])
+    # the residual sum keeps the plain gradient here, as in Zennit alone
+    ours = Composite(dict(layer_map()), ops={"add": PlainGradient()}, canonizers=[SequentialMergeBatchNorm()])
     relevance, out = through_ours(cnn, ours, x)
     assert relative(relevance, reference) <= 1e-6
     torch.testing.assert_close(out, plain)

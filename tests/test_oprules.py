@@ -1,0 +1,159 @@
+"""Op rules: torch functions routed by a registered Composite, each against a literal float64 formula."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lxt_explicit as lxt
+import lxt_explicit.functional as lf
+from conftest import stab
+from lxt_explicit.oprules import OP_GROUPS, RELEVANCE_NEUTRAL, op_name
+
+D = torch.float64
+EPS = 1e-6
+
+
+class Call(nn.Module):
+    """A module that runs one function; the composite routes the torch ops inside it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def routed(fn, *inputs, relevance=None):
+    """Run ``fn`` under the AttnLRP preset; return output and the relevance of every input."""
+    module = Call(fn)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with lxt.attnlrp(epsilon=EPS, strict=True).context(module):
+        out = module(*leaves)
+        out.backward(out.detach() if relevance is None else relevance)
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def test_average_pooling_gets_the_epsilon_rule():
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    out, (rx,) = routed(lambda t: F.avg_pool2d(t, 2), x)
+    assert torch.equal(out, F.avg_pool2d(x, 2))
+    R = out
+    # each output is the mean of a 2x2 window: R_i = (x_i / 4) / stab(z) * R
+    normed = (R / stab(out, EPS)).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(rx, x / 4 * normed, rtol=1e-12, atol=1e-14)
+    out, (rx,) = routed(lambda t: F.adaptive_avg_pool2d(t, 1), x)
+    torch.testing.assert_close(rx, x / 16 * (out / stab(out, EPS)), rtol=1e-12, atol=1e-14)
+
+
+def test_max_pooling_passes_relevance_to_the_maximum():
+    x = torch.randn(1, 1, 4, 4, dtype=D)
+    out, (rx,) = routed(lambda t: F.max_pool2d(t, 2), x)
+    winners = F.max_unpool2d(out, F.max_pool2d(x, 2, return_indices=True)[1], 2)
+    torch.testing.assert_close(rx, winners)
+
+
+def test_batch_norm_in_eval_mode_gets_the_epsilon_rule():
+    bn = nn.BatchNorm2d(3).to(D).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 2, 2, dtype=D, requires_grad=True)
+    with lxt.attnlrp(epsilon=EPS, strict=True).context(bn):
+        out = bn(x)
+        out.backward(out.detach())
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[None, :, None, None]
+    y = out.detach()
+    torch.testing.assert_close(x.grad, x.detach() * scale * y / stab(y, EPS), rtol=1e-12, atol=1e-14)
+
+
+def test_subtraction_and_reflected_subtraction():
+    a, b = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    out, (ra, rb) = routed(lambda x, y: x - y, a, b)
+    torch.testing.assert_close(ra, a * out / stab(out, EPS))
+    torch.testing.assert_close(rb, -b * out / stab(out, EPS))
+    out, (ra,) = routed(lambda x: 1 - x, a)
+    e = EPS * torch.where(out >= 0, 1.0, -1.0)
+    torch.testing.assert_close(ra, out * (-a + e) / (out + e))  # the constant 1 absorbs its share
+
+
+def test_division_and_negation_by_constants_pass_relevance():
+    a = torch.randn(3, 4, dtype=D)
+    R = torch.randn(3, 4, dtype=D)
+    for fn in (lambda x: x / 3.0, lambda x: -x, lambda x: torch.neg(x), lambda x: x * 2.5):
+        out, (ra,) = routed(fn, a, relevance=R)
+        assert torch.equal(ra, R)
+
+
+def test_division_by_a_relevance_carrying_tensor_is_unhandled():
+    with pytest.raises(lxt.UnhandledOperationError, match="Tensor.div"):
+        routed(lambda x, y: x / y, torch.rand(3, dtype=D) + 1, torch.rand(3, dtype=D) + 1)
+
+
+def test_addmm_is_the_linear_epsilon_rule():
+    x, W, b = torch.randn(5, 4, dtype=D), torch.randn(4, 3, dtype=D), torch.randn(3, dtype=D)
+    out, (rx,) = routed(lambda t: torch.addmm(b, t, W), x)
+    assert torch.equal(out, torch.addmm(b, x, W))
+    torch.testing.assert_close(rx, torch.einsum("ik,kj,ij->ik", x, W, out / stab(out, EPS)), rtol=1e-12, atol=1e-14)
+
+
+def test_training_dropout_passes_relevance_to_the_kept_units():
+    x = torch.randn(200, dtype=D)
+    torch.manual_seed(3)
+    out, (rx,) = routed(lambda t: F.dropout(t, 0.5, training=True), x)
+    kept = out != 0
+    torch.testing.assert_close(rx[kept], out[kept])
+    assert (rx[~kept] == 0).all()
+
+
+def test_reductions_and_norm_functions():
+    x = torch.randn(3, 5, dtype=D)
+    out, (rx,) = routed(lambda t: t.sum(-1), x)
+    torch.testing.assert_close(rx, x * (out / stab(out, EPS))[:, None])
+    out, (rx,) = routed(lambda t: torch.mean(t, dim=0, keepdim=True), x)
+    torch.testing.assert_close(rx, x / 3 * (out / stab(out, EPS)))
+    R = torch.randn(3, 5, dtype=D)
+    for fn in (lambda t: F.rms_norm(t, (5,), None, 1e-6), lambda t: F.normalize(t, dim=-1), lambda t: F.silu(t)):
+        _, (rx,) = routed(fn, x, relevance=R)
+        assert torch.equal(rx, R)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_equals_its_decomposition(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).to(D).eval()
+    for parameter in mha.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(2, 3, 8, dtype=D)
+    same = x.clone().requires_grad_()  # self-attention: one tensor, as in the explained call
+    reference = mha(same, same, same, need_weights=False)[0].detach()
+    leaf = x.clone().requires_grad_()
+    with lxt.attnlrp(epsilon=EPS, strict=True).context(mha):
+        out = mha(leaf, leaf, leaf, need_weights=False)[0]
+        assert torch.equal(out, reference)
+        out.backward(out.detach())
+    # the same rules written with the functional operations
+    x2 = x.clone().requires_grad_()
+    seq = x2 if not batch_first else x2.transpose(0, 1)
+    L, B, E = seq.shape
+    qkv = lf.linear_epsilon(seq, mha.in_proj_weight, mha.in_proj_bias, epsilon=EPS)
+    q, k, v = (t.reshape(L, B * 2, 4).transpose(0, 1).reshape(B, 2, L, 4) for t in qkv.chunk(3, -1))
+    attn = lf.scaled_dot_product_attention(q, k, v, epsilon=EPS)
+    merged = attn.permute(2, 0, 1, 3).reshape(L * B, E)
+    final = lf.linear_epsilon(merged, mha.out_proj.weight, mha.out_proj.bias, epsilon=EPS).view(L, B, E)
+    final = final if not batch_first else final.transpose(0, 1)
+    final.backward(final.detach())
+    torch.testing.assert_close(leaf.grad, x2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_op_groups_and_neutral_functions_are_disjoint_and_named():
+    grouped = [f for functions in OP_GROUPS.values() for f in functions]
+    assert not set(grouped) & RELEVANCE_NEUTRAL
+    assert op_name(torch.matmul) == "torch.matmul" and op_name(torch.Tensor.add) == "Tensor.add"
+    assert op_name(F.softmax) == "F.softmax" and op_name(torch.Tensor.T.__get__) == "Tensor.T"
+    assert math.isfinite(len(grouped))
