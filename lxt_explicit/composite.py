@@ -77,7 +77,7 @@ class CompositeObserver:
         """The registered model starts a forward pass; ``inputs`` are its arguments that carry relevance."""
 
     def on_source(self, name: str, tensor: torch.Tensor) -> None:
-        """A :class:`RelevanceSource` module produced ``tensor``."""
+        """A :class:`~lxt_explicit.composite.RelevanceSource` module produced ``tensor``."""
 
     def on_rule(self, label: str, rule: Any, output: Any) -> None:
         """A module rule or op rule produced ``output``."""
@@ -281,7 +281,7 @@ class _Registration:
         observers = self.composite._observers
         if observers:
             module = self.module_name()
-            label = f"{module}:{name}"
+            label = f"{module or '<root>'}:{name}"
             for observer in observers:
                 observer.on_op(module, op_name(func), "rule", rule)
                 observer.on_rule(label, rule, output)

@@ -2,7 +2,7 @@
 
 * :class:`RelevanceTrace` records, for one backward pass, the relevance that
   enters and leaves every module rule and op rule of a registered
-  :class:`~lxt_explicit.Composite`, and the totals at the explained outputs and
+  :class:`~lxt_explicit.composite.Composite`, and the totals at the explained outputs and
   at the inputs (model arguments that require a gradient, and relevance
   sources).  With ``strict=True`` it raises :class:`NonFiniteRelevanceError` at
   the first rule whose relevance becomes NaN or infinite.
@@ -70,7 +70,7 @@ class RuleRecord:
 
     @property
     def absorbed(self) -> float:
-        """Relevance that stayed in the rule (bias, stabilizer, constants): ``in - out``."""
+        """Relevance that stayed in the rule (bias, stabilizer, constants), ``in - out``."""
         return self.relevance_in - self.relevance_out
 
     @property
@@ -109,6 +109,7 @@ class ConservationReport:
         return self.input_total / self.output_total if self.output_total else math.nan
 
     def to_dict(self) -> dict:
+        """The report as plain Python data (for JSON)."""
         return {
             "output_total": self.output_total,
             "input_totals": dict(self.input_totals),
@@ -253,10 +254,12 @@ class CoverageReport:
 
     @property
     def unhandled(self) -> list[CoverageRow]:
+        """The rows of operations without a rule."""
         return [row for row in self.rows if row.status == "unhandled"]
 
     @property
     def handled(self) -> list[CoverageRow]:
+        """The rows of operations (and modules) handled by a rule."""
         return [row for row in self.rows if row.status == "rule"]
 
     def counts(self) -> dict[str, int]:
@@ -267,6 +270,7 @@ class CoverageReport:
         return dict(totals)
 
     def to_dict(self) -> dict:
+        """The report as plain Python data (for JSON)."""
         return {"counts": self.counts(), "rows": [row.__dict__ for row in self.rows]}
 
     def __str__(self) -> str:
@@ -316,7 +320,7 @@ def audit(model: nn.Module, composite: Composite, *args, strict: bool | None = N
     *args, **kwargs
         Example inputs of ``model``.
     strict : bool, optional
-        Raise :class:`~lxt_explicit.UnhandledOperationError` at the first unhandled
+        Raise :class:`~lxt_explicit.composite.UnhandledOperationError` at the first unhandled
         operation, naming it and its module (default: the composite's own setting).
 
     Returns

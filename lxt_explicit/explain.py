@@ -54,6 +54,9 @@ class Explanation:
         What was explained, in words.
     target_value : float
         The explained quantity (the sum of the logits the relevance started from).
+    target_ids : list of int
+        Ids of the explained tokens: the next token, the target and contrast token, or the
+        continuation's tokens.
     source_relevance : dict
         Relevance of every relevance source per token (token embeddings, position embeddings, ...).
     latent : dict
@@ -72,6 +75,7 @@ class Explanation:
     prompt_length: int
     target: str
     target_value: float
+    target_ids: list[int] = field(default_factory=list)
     source_relevance: dict[str, torch.Tensor] = field(default_factory=dict)
     latent: dict[str, torch.Tensor] = field(default_factory=dict)
     method: str = "attnlrp"
@@ -79,7 +83,7 @@ class Explanation:
     offsets: list[tuple[int, int]] = field(default_factory=list)
 
     def token_span(self, substring: str) -> slice:
-        """The positions of the prompt tokens that cover the first occurrence of ``substring`` in :attr:`text`."""
+        """The positions of the prompt tokens that cover the first occurrence of ``substring`` in ``text``."""
         start = self.text.find(substring)
         if start < 0 or not self.offsets:
             raise ValueError(f"{substring!r} is not part of the prompt text (or the tokenizer gives no offsets)")
@@ -89,6 +93,7 @@ class Explanation:
 
     @property
     def continuation(self) -> list[str]:
+        """The tokens after the prompt (empty for next-token explanations)."""
         return self.tokens[self.prompt_length :]
 
     @property
@@ -113,7 +118,13 @@ class Explanation:
         order = torch.argsort(totals, descending=True)[:k]
         return [(int(i), float(totals[i])) for i in order]
 
+    def _repr_html_(self) -> str:
+        from .heatmap import html_heatmap
+
+        return html_heatmap(self.tokens, self.relevance, title=self.method, subtitle=self.target, fragment=True)
+
     def to_dict(self) -> dict:
+        """The explanation as plain Python data (for JSON)."""
         return {
             "tokens": self.tokens,
             "token_ids": self.token_ids,
@@ -121,6 +132,7 @@ class Explanation:
             "prompt_length": self.prompt_length,
             "target": self.target,
             "target_value": self.target_value,
+            "target_ids": self.target_ids,
             "conservation": self.conservation,
             "method": self.method,
             "source_relevance": {k: v.tolist() for k, v in self.source_relevance.items()},
@@ -396,7 +408,7 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
     try:
         with torch.enable_grad(), _LatentRecorder(model, options["latent"]) as recorder:
             logits = model(**kwargs).logits
-            selected, seeds, descriptions = _targets(logits, sequences, prompt_lengths, tokenizer, options)
+            selected, seeds, descriptions, target_ids = _targets(logits, sequences, prompt_lengths, tokenizer, options)
             torch.autograd.backward(selected, seeds)
         sources = {name: r.detach().float().sum(-1) for name, r in composite.source_relevance().items()
                    if r is not None and r.dim() == 3}
@@ -421,6 +433,7 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
                 prompt_length=prompt_lengths[row],
                 target=descriptions[row],
                 target_value=float(seeds[row].sum()),
+                target_ids=target_ids[row],
                 source_relevance={name: r[row, span].cpu() for name, r in sources.items()},
                 latent={name: r[row, span].cpu() for name, r in recorder.relevance.items()},
                 method=method,
@@ -434,7 +447,7 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
 def _targets(logits, sequences, prompt_lengths, tokenizer, options):
     """The logits the relevance starts from, their initial relevance (their own values), descriptions."""
     length = logits.shape[1]
-    selected, seeds, descriptions = [], [], []
+    selected, seeds, descriptions, target_ids = [], [], [], []
     for row, seq in enumerate(sequences):
         if len(seq) > prompt_lengths[row]:  # a continuation: one logit per continuation token
             start = length - len(seq) + prompt_lengths[row] - 1
@@ -448,17 +461,20 @@ def _targets(logits, sequences, prompt_lengths, tokenizer, options):
             text = tokenizer.decode(seq[prompt_lengths[row]:])
             descriptions.append(f"continuation {text!r} ({len(positions)} tokens, {options['continuation_score']} logits)")
             selected.append(values)
-            seeds.append(values.detach().float().to(values.dtype))
+            seeds.append(values.detach())
+            target_ids.append(list(seq[prompt_lengths[row]:]))
             continue
         last = logits[row, -1]
         token = last.argmax().item() if options["target"] is None else _token_id(tokenizer, options["target"], "target")
         name = tokenizer.convert_ids_to_tokens([token])[0]
         if options["contrast"] is None:
+            target_ids.append([token])
             selected.append(last[token : token + 1])
             seeds.append(last[token : token + 1].detach())
             descriptions.append(f"next token {name!r} (logit {float(last[token].detach()):.3f})")
         else:
             other = _token_id(tokenizer, options["contrast"], "contrast")
+            target_ids.append([token, other])
             pair = torch.stack([last[token], last[other]])
             selected.append(pair)
             seeds.append(torch.stack([last[token], -last[other]]).detach())
@@ -466,4 +482,4 @@ def _targets(logits, sequences, prompt_lengths, tokenizer, options):
                 f"logit of {name!r} minus logit of {tokenizer.convert_ids_to_tokens([other])[0]!r} "
                 f"({float((last[token] - last[other]).detach()):.3f})"
             )
-    return selected, seeds, descriptions
+    return selected, seeds, descriptions, target_ids

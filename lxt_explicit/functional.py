@@ -828,7 +828,8 @@ def scaled_dot_product_attention(
     ``q k^T`` (Proposition 3.3), pass-through of the scaling, the mask as a
     constant summand (see :func:`add2`), and the softmax rule (Proposition 3.1).
     With ``cp=True`` (CP-LRP, Ali et al. 2022) the attention weights are treated
-    as constants and all relevance flows to the values.
+    as constants and all relevance flows to the values (the ``.grad`` of queries
+    and keys stays ``None``).
 
     The relevance that reaches a score from the softmax rule is proportional to
     that score, so the ``q k^T`` rule's division by the score cancels exactly and

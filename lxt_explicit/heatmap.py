@@ -76,8 +76,23 @@ def terminal_heatmap(tokens: Sequence[str], relevance, *, clean: bool = True) ->
     return "".join(parts)
 
 
-def html_heatmap(tokens: Sequence[str], relevance, *, title: str = "Relevance", subtitle: str = "") -> str:
-    """A self-contained HTML page of the tokens on coloured backgrounds; hovering shows each value."""
+def html_heatmap(
+    tokens: Sequence[str], relevance, *, title: str = "Relevance", subtitle: str = "", fragment: bool = False
+) -> str:
+    """The tokens on coloured backgrounds as HTML; hovering a token shows its position and value.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        Tokenizer tokens (cleaned for display here).
+    relevance : tensor or sequence of float
+        One value per token.
+    title, subtitle : str
+        Heading and a line below it.
+    fragment : bool
+        Return a ``<div>`` with inline styles only (for notebooks and other pages) instead of a
+        self-contained page.
+    """
     values = _as_list(relevance)
     scale = _scale(values)
     spans = []
@@ -85,21 +100,23 @@ def html_heatmap(tokens: Sequence[str], relevance, *, title: str = "Relevance", 
         r, g, b = colour(value, scale)
         escaped = html_lib.escape(text).replace("\n", "<br>")
         spans.append(
-            f'<span class="t" style="background:rgb({r},{g},{b})" '
+            f'<span style="background:rgb({r},{g},{b});color:#000;white-space:pre-wrap" '
             f'title="#{index} {html_lib.escape(repr(tokens[index]))}: {value:.6g}">{escaped}</span>'
         )
-    legend = (
-        f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
+    legend = f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
+    body = (
+        f"<h3>{html_lib.escape(title)}</h3>" if title else ""
+    ) + (f"<p>{html_lib.escape(subtitle)}</p>" if subtitle else "") + (
+        f"<p style='color:#555;font-size:90%'>{html_lib.escape(legend)}</p>"
+        f"<div style='line-height:1.9;font-family:sans-serif'>{''.join(spans)}</div>"
     )
+    if fragment:
+        return f"<div>{body}</div>"
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{html_lib.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.9}"
-        ".t{white-space:pre-wrap;border-radius:2px;padding:1px 0}"
-        ".legend{color:#555;font-size:90%}</style></head><body>"
-        f"<h2>{html_lib.escape(title)}</h2>"
-        + (f"<p>{html_lib.escape(subtitle)}</p>" if subtitle else "")
-        + f"<p class='legend'>{html_lib.escape(legend)}</p><div>{''.join(spans)}</div></body></html>\n"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}</style></head>"
+        f"<body>{body}</body></html>\n"
     )
 
 
@@ -108,10 +125,9 @@ def png_heatmap(
 ) -> Path:
     """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("png_heatmap needs matplotlib: pip install matplotlib") from error
     values = _as_list(relevance)
@@ -119,10 +135,10 @@ def png_heatmap(
     texts = [t.replace("\t", " ") for t in clean_tokens(tokens)]
     dpi = 110
     # a monospace font: every character advances by the same, measured width
-    probe = plt.figure(figsize=(width, 1), dpi=dpi)
+    # Figures without pyplot: no global backend or figure state is touched
+    probe = Figure(figsize=(width, 1), dpi=dpi)
     sample = probe.text(0, 0, "M" * 50, fontsize=font_size, family="monospace")
-    char_px = sample.get_window_extent(probe.canvas.get_renderer()).width / 50
-    plt.close(probe)
+    char_px = sample.get_window_extent(FigureCanvasAgg(probe).get_renderer()).width / 50
     line_px = font_size * 1.9 * dpi / 72
     usable_px = width * dpi * 0.96
     layout, x, line = [], 0.0, 0
@@ -139,7 +155,8 @@ def png_heatmap(
             x += advance
     rows = line + 1 + (1 if title else 0) + 2  # title, tokens, blank, legend
     height_px = rows * line_px + 0.2 * dpi
-    figure = plt.figure(figsize=(width, height_px / dpi), dpi=dpi)
+    figure = Figure(figsize=(width, height_px / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)
     axis = figure.add_axes([0.02, 0.0, 0.96, 1.0])
     axis.set_axis_off()
     axis.set_xlim(0, usable_px)
@@ -151,7 +168,7 @@ def png_heatmap(
         r, g, b = colour(value, scale)
         y = top + (row + 0.5) * line_px
         axis.add_patch(
-            matplotlib.patches.Rectangle(
+            Rectangle(
                 (x, y - 0.42 * line_px), len(piece) * char_px, 0.84 * line_px, facecolor=(r / 255, g / 255, b / 255),
                 edgecolor="none",
             )
@@ -161,5 +178,4 @@ def png_heatmap(
               fontsize=font_size - 2, color="#555555", family="monospace", va="center")
     path = Path(path)
     figure.savefig(path, dpi=dpi)
-    plt.close(figure)
     return path

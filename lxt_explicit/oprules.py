@@ -1,6 +1,6 @@
 """Op rules: which LRP operation replaces a torch function on the relevance path.
 
-A :class:`~lxt_explicit.Composite` intercepts the torch functions that a
+A :class:`~lxt_explicit.composite.Composite` intercepts the torch functions that a
 registered model calls (``F.linear``, ``torch.matmul``, ``Tensor.__add__``,
 ``F.softmax``, ...).  A call whose operands carry relevance (require a
 gradient) is handed to the op rule registered for it, which calls the

@@ -149,7 +149,22 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str,
     }
 
 
-def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True, strict: bool = False) -> Composite:
+def _in_front(extra: dict | None, layer_map: dict) -> dict:
+    """``extra``'s entries first (first match wins), then the preset's entries it does not replace."""
+    merged = dict(extra or {})
+    for key, value in layer_map.items():
+        merged.setdefault(key, value)
+    return merged
+
+
+def attnlrp(
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    relevance_sources: bool = True,
+    strict: bool = False,
+    layer_map: dict | None = None,
+    ops: dict | None = None,
+) -> Composite:
     """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
 
     Parameters
@@ -161,6 +176,11 @@ def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True,
         and at the embedding parameters of :data:`EMBEDDING_PARAMETERS`.
     strict : bool, optional
         Raise on the first operation on the relevance path without a rule.
+    layer_map : dict, optional
+        More layer-map entries, tried before the preset's own (e.g. ``{MyNorm: IdentityRule}`` for
+        a normalization class the preset does not know).
+    ops : dict, optional
+        Op rules that replace or extend the preset's (e.g. ``{torch.einsum: GenericEpsilon()}``).
 
     Returns
     -------
@@ -168,22 +188,29 @@ def attnlrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True,
         Register it with ``attnlrp().register(model)``.
     """
     return Composite(
-        transformer_layer_map(relevance_sources=relevance_sources),
-        ops=op_rules(epsilon=epsilon, cp=False),
+        _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
+        ops={**op_rules(epsilon=epsilon, cp=False), **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         strict=strict,
         warn_unmatched=False,
     )
 
 
-def cp_lrp(*, epsilon: float = DEFAULT_EPSILON, relevance_sources: bool = True, strict: bool = False) -> Composite:
+def cp_lrp(
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    relevance_sources: bool = True,
+    strict: bool = False,
+    layer_map: dict | None = None,
+    ops: dict | None = None,
+) -> Composite:
     """A fresh Composite with the CP-LRP rules (Ali et al., ICML 2022): AttnLRP without relevance through attention weights.
 
     Parameters and return value as in :func:`attnlrp`.
     """
     return Composite(
-        transformer_layer_map(relevance_sources=relevance_sources),
-        ops=op_rules(epsilon=epsilon, cp=True),
+        _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
+        ops={**op_rules(epsilon=epsilon, cp=True), **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         strict=strict,
         warn_unmatched=False,

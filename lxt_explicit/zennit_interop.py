@@ -2,10 +2,10 @@
 
 Zennit and lxt_explicit meet in one backward pass, in both directions:
 
-* Zennit rules are layer-map values of a :class:`~lxt_explicit.Composite`
+* Zennit rules are layer-map values of a :class:`~lxt_explicit.composite.Composite`
   (``{nn.Conv2d: zennit.rules.Gamma(gamma=0.25)}``), Zennit canonizers are its ``canonizers``,
   and a whole Zennit composite is registered with it through ``zennit_composite=``;
-* a :class:`~lxt_explicit.Composite` follows Zennit's composite protocol (``register``,
+* a :class:`~lxt_explicit.composite.Composite` follows Zennit's composite protocol (``register``,
   ``remove``, ``context``, ``handles``, ``inactive``), so it can be handed to Zennit's attributors:
   ``zennit.attribution.Gradient(model, composite)``.
 
@@ -128,7 +128,7 @@ def vision_transformer(
     relevance_at : {'pixels', 'patches'}
         Where the relevance is collected: at the image (make ``pixel_values`` require a gradient
         and read its ``.grad``) or at the patch embeddings (a relevance source; read
-        :meth:`~lxt_explicit.Composite.source_relevance`).
+        :meth:`~lxt_explicit.composite.Composite.source_relevance`).
 
     Returns
     -------

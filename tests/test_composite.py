@@ -229,6 +229,26 @@ def test_submodule_called_directly_is_still_routed():
     composite.remove()
 
 
+class ScaleNorm(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_presets_take_extra_layer_map_entries_and_ops():
+    from lxt_explicit.diagnostics import audit
+    from lxt_explicit.oprules import GenericEpsilon
+
+    model = nn.Sequential(nn.Linear(4, 4), ScaleNorm(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=D)
+    with pytest.warns(CoverageWarning, match="ScaleNorm"):
+        assert audit(model, lxt.attnlrp(), x).unhandled
+    report = audit(model, lxt.attnlrp(layer_map={ScaleNorm: IdentityRule}), x)
+    assert report.unhandled == [] and any(r.op == "IdentityRule" for r in report.rows)
+    composite = lxt.attnlrp(layer_map={nn.Embedding: None}, ops={torch.einsum: GenericEpsilon()})
+    assert composite.rule_for("e", nn.Embedding(2, 2)) is None  # the user's entry wins over the preset's
+    assert torch.einsum in composite._op_table and "linear" in composite.ops
+
+
 def test_presets_are_fresh_each_call():
     first, second = lxt.attnlrp(), lxt.attnlrp()
     assert first is not second and first.ops["add"] is not second.ops["add"]

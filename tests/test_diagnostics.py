@@ -23,7 +23,7 @@ def test_report_records_every_rule_and_the_totals():
     report = trace.report()
     labels = [r.label for r in report.records]
     assert labels[0] == "head"  # backward order: the last rule first
-    assert {"head", "down", "up", "gate", "act", ":add", ":mul"} <= set(labels)
+    assert {"head", "down", "up", "gate", "act", "<root>:add", "<root>:mul"} <= set(labels)
     torch.testing.assert_close(torch.tensor(report.output_total, dtype=D), out.detach().sum(), rtol=1e-12, atol=1e-12)
     assert set(report.input_totals) == {"embed"}
     torch.testing.assert_close(

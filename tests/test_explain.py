@@ -47,6 +47,7 @@ def test_given_target_and_contrast_are_linear(model, tokenizer):
     logits = logits_of(model, tokenizer, PROMPT)[-1]
     ids = tokenizer.convert_tokens_to_ids(["paris", "london"])
     assert contrast.target_value == pytest.approx(float(logits[ids[0]] - logits[ids[1]]), rel=1e-10)
+    assert contrast.target_ids == ids and paris.target_ids == ids[:1]
     torch.testing.assert_close(contrast.relevance, paris.relevance - london.relevance, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="2 tokens"):
         explain(model, tokenizer, PROMPT, target="paris london")
@@ -58,6 +59,7 @@ def test_continuation_equals_sum_of_per_position_explanations(model, tokenizer, 
     joint = explain(model, tokenizer, PROMPT, continuation=continuation, continuation_score=score)
     tokens = PROMPT.split() + continuation.split()
     assert joint.tokens == tokens and joint.continuation == continuation.split()
+    assert joint.target_ids == tokenizer.convert_tokens_to_ids(continuation.split())
     total = torch.zeros(len(tokens), dtype=torch.float64)
     value = 0.0
     for end in range(5, len(tokens)):
@@ -126,7 +128,9 @@ def test_cp_lrp_explanation_conserves_on_a_bias_free_model(model, tokenizer):
 
 
 def test_explanation_serializes(model, tokenizer):
-    data = explain(model, tokenizer, PROMPT, latent=["mlp:0"]).to_dict()
+    result = explain(model, tokenizer, PROMPT, latent=["mlp:0"])
+    assert "title=" in result._repr_html_() and result._repr_html_().startswith("<div>")
+    data = result.to_dict()
     assert data["tokens"] == PROMPT.split() and len(data["relevance"]) == 5 and len(data["latent"]["mlp:0"]) == 48
 
 

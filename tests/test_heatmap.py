@@ -35,6 +35,20 @@ def test_html_heatmap_is_self_contained_and_shows_values_on_hover():
     assert "rgb(255,0,0)" in page and "rgb(127,127,255)" in page or "rgb(128,128,255)" in page
 
 
+def test_html_fragment_has_no_page_styles_and_explanations_render_in_notebooks():
+    fragment = html_heatmap(["Ġa"], [1.0], title="T", fragment=True)
+    assert fragment.startswith("<div>") and "<body" not in fragment and "<style" not in fragment
+
+
+def test_png_heatmap_leaves_matplotlib_global_state_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    png_heatmap(["Ġa", "Ġb"], [1.0, -1.0], tmp_path / "x.png")
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == []
+
+
 def test_png_heatmap_writes_an_image(tmp_path):
     path = png_heatmap(["ĠThe"] * 60 + ["Ċ", "Ġend"], torch.linspace(-1, 1, 62), tmp_path / "h.png", title="t")
     data = path.read_bytes()

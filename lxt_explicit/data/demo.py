@@ -4,7 +4,7 @@ The document is original (the expedition, its people and places are made
 up), so SmolLM2-135M-Instruct can only answer from it.  With
 :func:`demo_prompt` (the chat template with the reading-comprehension system
 message, no pre-fill) and greedy decoding, SmolLM2-135M-Instruct (float32,
-CPU, ``sdpa`` and ``eager`` attention) answered :data:`DEMO_QUESTION` with::
+CPU, ``sdpa`` and ``eager`` attention) answered :data:`~lxt_explicit.data.demo.DEMO_QUESTION` with::
 
     Halvorsen named the lake Lake Solveig, after her mother.
 

