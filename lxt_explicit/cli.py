@@ -53,6 +53,9 @@ def _load(model_dir: Path | None, dtype: str, device: str):
 
     from .models.smollm2 import load_pretrained, load_smollm2
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # this process only prints the explanation
     torch_dtype = getattr(torch, dtype)
     if model_dir is not None:
         return load_pretrained(model_dir, dtype=torch_dtype, device=device)
