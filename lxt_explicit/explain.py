@@ -359,14 +359,19 @@ def explain(
         raise ValueError("target= and contrast= explain the next token; they cannot be combined with a continuation")
     if composite is None and method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    options = dict(
+        target=target, contrast=contrast, continuation=continuation, max_new_tokens=max_new_tokens,
+        continuation_score=continuation_score, chat=chat, system=system, prefill=prefill, method=method,
+        epsilon=epsilon, latent=latent, composite=composite,
+    )
     if isinstance(prompt, str):
-        return _explain_batch(model, tokenizer, [prompt], locals())[0]
+        return _explain_batch(model, tokenizer, [prompt], options)[0]
     prompts = list(prompt)
     if not prompts:
         raise ValueError("prompt is an empty list")
-    if continuation is not None or max_new_tokens is not None:
-        return [_explain_batch(model, tokenizer, [p], locals())[0] for p in prompts]
-    return _explain_batch(model, tokenizer, prompts, locals())
+    if continuation is not None or max_new_tokens is not None:  # continuations have their own lengths
+        return [_explain_batch(model, tokenizer, [p], options)[0] for p in prompts]
+    return _explain_batch(model, tokenizer, prompts, options)
 
 
 def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[Explanation]:
