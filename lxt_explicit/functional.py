@@ -714,22 +714,23 @@ class _Attention(Function):
         """
         q, k, v = ctx.inputs
         out = ctx.output
+        ctx.inputs = ctx.output = None
         dtype = _compute_dtype(out)
         normed = torch.div(relevance.to(dtype), stabilize(out.detach().to(dtype), ctx.epsilon)).to(out.dtype)
-        wanted = [t for t in (q, k, v) if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, normed))
-        ctx.inputs = ctx.output = None
-        shares = (0.25, 0.25, 1.0 if ctx.cp else 0.5)
+        shares = (0.25, 0.25, 0.5)
+        if ctx.cp:  # all relevance to the values; queries and keys get exactly zero
+            shares = (0.0, 0.0, 1.0)
+        wanted = [t for t, share in zip((q, k, v), shares) if t.requires_grad and share]
+        grads = iter(torch.autograd.grad(out, wanted, normed) if wanted else ())
         result = []
         for tensor, share in zip((q, k, v), shares):
             if not tensor.requires_grad:
                 result.append(None)
-                continue
-            grad = next(grads)
-            if ctx.cp and share != 1.0:
-                result.append(None)
-                continue
-            result.append((grad.to(dtype) * tensor.detach().to(dtype)).mul_(share).to(tensor.dtype))
+            elif not share:
+                # zeros rather than None: hooks on the projections that produced q and k (Zennit's) need a tensor
+                result.append(torch.zeros_like(tensor))
+            else:
+                result.append((next(grads).to(dtype) * tensor.detach().to(dtype)).mul_(share).to(tensor.dtype))
         return tuple(result) + (None,) * 6
 
     @staticmethod
@@ -801,6 +802,10 @@ class _Attention(Function):
                 rel = rel.unflatten(-3, (like.size(-3), groups)).sum(-3)
             return _sum_to_shape(rel, like.shape).to(like.dtype)
 
+        if ctx.cp:  # all relevance to the values; zeros (not None) for hooks on the q and k projections
+            relevance_q = torch.zeros_like(q) if needs_q else None
+            relevance_k = torch.zeros_like(k) if needs_k else None
+            return (relevance_q, relevance_k, to_input(relevance_v, v)) + nothing
         return (
             to_input(relevance_q, q) if needs_q else None,
             to_input(relevance_k, k),
@@ -828,8 +833,8 @@ def scaled_dot_product_attention(
     ``q k^T`` (Proposition 3.3), pass-through of the scaling, the mask as a
     constant summand (see :func:`add2`), and the softmax rule (Proposition 3.1).
     With ``cp=True`` (CP-LRP, Ali et al. 2022) the attention weights are treated
-    as constants and all relevance flows to the values (the ``.grad`` of queries
-    and keys stays ``None``).
+    as constants and all relevance flows to the values (queries and keys
+    receive zeros).
 
     The relevance that reaches a score from the softmax rule is proportional to
     that score, so the ``q k^T`` rule's division by the score cancels exactly and

@@ -187,13 +187,7 @@ def attnlrp(
     Composite
         Register it with ``attnlrp().register(model)``.
     """
-    return Composite(
-        _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
-        ops={**op_rules(epsilon=epsilon, cp=False), **(ops or {})},
-        parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
-        strict=strict,
-        warn_unmatched=False,
-    )
+    return _preset(False, epsilon, relevance_sources, strict, layer_map, ops)
 
 
 def cp_lrp(
@@ -208,9 +202,13 @@ def cp_lrp(
 
     Parameters and return value as in :func:`attnlrp`.
     """
+    return _preset(True, epsilon, relevance_sources, strict, layer_map, ops)
+
+
+def _preset(cp, epsilon, relevance_sources, strict, layer_map, ops) -> Composite:
     return Composite(
         _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
-        ops={**op_rules(epsilon=epsilon, cp=True), **(ops or {})},
+        ops={**op_rules(epsilon=epsilon, cp=cp), **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         strict=strict,
         warn_unmatched=False,

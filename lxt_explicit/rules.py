@@ -26,6 +26,7 @@ import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from .functional import _sum_to_shape
 from .stabilizer import DEFAULT_EPSILON, stabilize
 
 __all__ = [
@@ -45,16 +46,6 @@ def _carries_relevance(value: Any) -> bool:
 
 def _name_of(fn: Callable) -> str:
     return type(fn).__name__ if isinstance(fn, torch.nn.Module) else getattr(fn, "__qualname__", repr(fn))
-
-
-def _sum_to_shape(relevance: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if relevance.shape == shape:
-        return relevance
-    extra = relevance.dim() - len(shape)
-    if extra > 0:
-        relevance = relevance.sum(dim=tuple(range(extra)))
-    dims = tuple(i for i, size in enumerate(shape) if size == 1 and relevance.shape[i] != 1)
-    return relevance.sum(dim=dims, keepdim=True) if dims else relevance
 
 
 def _output_tensors(output: Any, fn: Callable) -> tuple[tuple, bool]:

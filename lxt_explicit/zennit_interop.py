@@ -112,8 +112,11 @@ def vision_transformer(
     """AttnLRP or CP-LRP for attention, Zennit's Gamma rule on linear and convolution layers.
 
     For Hugging Face ``ViTForImageClassification`` / ``ViTModel`` and torchvision's
-    ``VisionTransformer`` (``vit_b_16`` and relatives).  The classifier head keeps the epsilon rule;
-    the class token and position embeddings are relevance sources.
+    ``VisionTransformer`` (``vit_b_16`` and relatives).  The Gamma rule goes to every ``nn.Linear``
+    and ``nn.Conv2d`` module except the classifier head, which keeps the epsilon rule.  torchvision's
+    attention projections are parameters of ``nn.MultiheadAttention``, not ``nn.Linear`` modules:
+    they get the epsilon rule of :class:`~lxt_explicit.oprules.MultiheadAttentionRule`.  The class
+    token and position embeddings are relevance sources.
 
     Parameters
     ----------
@@ -165,7 +168,9 @@ def convolutional(
     zennit_composite : zennit.core.Composite, optional
         Default: ``EpsilonPlusFlat`` with :class:`ExactSequentialMergeBatchNorm` as canonizer.
     residual_rule : bool
-        Give residual sums (``x + f(x)``) the epsilon rule.  With ``False`` they keep the plain
+        Give residual sums (``x + f(x)``) the epsilon rule.  Note that with ``EpsilonPlusFlat`` little
+        relevance reaches the pixels of a network with merged batch norms: the ZPlus rule keeps the
+        positive (merged) biases in its denominators, so every convolution absorbs a share.  With ``False`` they keep the plain
         gradient, which passes the whole relevance to both summands, as Zennit alone does; the
         result then equals Zennit alone.
     epsilon : float

