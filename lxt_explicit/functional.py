@@ -80,6 +80,11 @@ def _check_epsilon(epsilon: float) -> float:
 # ---------------------------------------------------------------------------
 
 
+#: Output layers at least this many times wider than their input (vocabulary projections) do not
+#: store their output for the backward pass; it recomputes the rows that carry relevance.
+_RECOMPUTE_WIDENING = 8
+
+
 class _LinearEpsilon(Function):
     """Epsilon rule for ``F.linear``."""
 
@@ -87,7 +92,8 @@ class _LinearEpsilon(Function):
     def forward(ctx, x, weight, bias, epsilon):
         out = F.linear(x, weight, bias)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x, weight, out)
+            ctx.keeps_output = out.shape[-1] < _RECOMPUTE_WIDENING * x.shape[-1]
+            ctx.save_for_backward(x, weight, bias, out if ctx.keeps_output else None)
         ctx.epsilon = epsilon
         return out
 
@@ -96,19 +102,20 @@ class _LinearEpsilon(Function):
     def backward(ctx, relevance):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        x, weight, out = ctx.saved_tensors
+        x, weight, bias, out = ctx.saved_tensors
         rows = _rows_with_relevance(relevance)
-        if rows is not None:
-            # Only some positions carry relevance (e.g. the explained token of an output layer):
-            # the others receive exactly zero, so skip them.
-            result = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-            flat = result.view(-1, x.shape[-1])
-            flat[rows] = _linear_relevance(
-                x.reshape(-1, x.shape[-1])[rows], weight, out.reshape(-1, out.shape[-1])[rows],
-                relevance.reshape(-1, relevance.shape[-1])[rows], ctx.epsilon,
-            )
-            return result, None, None, None
-        return _linear_relevance(x, weight, out, relevance, ctx.epsilon), None, None, None
+        if rows is None:
+            out = out if out is not None else F.linear(x, weight, bias)
+            return _linear_relevance(x, weight, out, relevance, ctx.epsilon), None, None, None
+        # Only some positions carry relevance (e.g. the explained token of an output layer):
+        # the others receive exactly zero, so skip them.
+        x_rows = x.reshape(-1, x.shape[-1])[rows]
+        out_rows = F.linear(x_rows, weight, bias) if out is None else out.reshape(-1, out.shape[-1])[rows]
+        result = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        result.view(-1, x.shape[-1])[rows] = _linear_relevance(
+            x_rows, weight, out_rows, relevance.reshape(-1, relevance.shape[-1])[rows], ctx.epsilon
+        )
+        return result, None, None, None
 
 
 def _rows_with_relevance(relevance: torch.Tensor):
@@ -304,10 +311,17 @@ class _Add2(Function):
     @staticmethod
     def forward(ctx, a, b, epsilon):
         out = torch.add(a, b)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in (a, b)))
-        ctx.constants = tuple(None if isinstance(t, torch.Tensor) else t for t in (a, b))
         ctx.epsilon = epsilon
+        ctx.constants = tuple(None if isinstance(t, torch.Tensor) else t for t in (a, b))
+        ctx.kept = None
+        needs = ctx.needs_input_grad[:2]
+        if all(needs) and a.shape == b.shape == out.shape:
+            # Keep the sum (later operations store it anyway) and the smaller summand; the larger one is
+            # the difference, exact to a rounding of the sum relative to itself.
+            ctx.kept = 0 if a.abs().mean() <= b.abs().mean() else 1
+            ctx.save_for_backward((a, b)[ctx.kept], out)
+        elif any(needs):
+            ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in (a, b)))
         return out
 
     @staticmethod
@@ -316,9 +330,13 @@ class _Add2(Function):
         needs = ctx.needs_input_grad[:2]
         if not any(needs):
             return None, None, None
-        saved = ctx.saved_tensors
-        a, b = (s if s is not None else c for s, c in zip(saved, ctx.constants))
-        out = torch.add(a, b)
+        if ctx.kept is not None:
+            small, out = ctx.saved_tensors
+            large = out - small
+            a, b = (small, large) if ctx.kept == 0 else (large, small)
+        else:
+            a, b = (s if s is not None else c for s, c in zip(ctx.saved_tensors, ctx.constants))
+            out = torch.add(a, b)
         dtype = _compute_dtype(out)
         out = out.to(dtype)
         relevance = relevance.to(dtype)
@@ -687,7 +705,9 @@ class _Attention(Function):
         ctx.fused = any(needs) and _mask_is_pure(attn_mask)
         if ctx.fused:
             # Keep the graph of torch's own attention: its fused backward pass computes the rules (see backward).
-            inputs = tuple(t.detach().requires_grad_(need) for t, need in zip((q, k, v), needs))
+            # CP-LRP needs only the values' side.
+            tracked = (False, False, needs[2]) if cp else needs
+            inputs = tuple(t.detach().requires_grad_(track) for t, track in zip((q, k, v), tracked))
             with torch.enable_grad():
                 out = F.scaled_dot_product_attention(
                     *inputs, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
@@ -723,8 +743,8 @@ class _Attention(Function):
         wanted = [t for t, share in zip((q, k, v), shares) if t.requires_grad and share]
         grads = iter(torch.autograd.grad(out, wanted, normed) if wanted else ())
         result = []
-        for tensor, share in zip((q, k, v), shares):
-            if not tensor.requires_grad:
+        for tensor, share, need in zip((q, k, v), shares, ctx.needs_input_grad[:3]):
+            if not need:
                 result.append(None)
             elif not share:
                 # zeros rather than None: hooks on the projections that produced q and k (Zennit's) need a tensor
