@@ -16,6 +16,8 @@ from .composite import Composite, CoverageWarning, RelevanceSource, UnhandledOpe
 from .presets import SUPPORTED_ARCHITECTURES, attnlrp, cp_lrp
 from .stabilizer import DEFAULT_EPSILON, stabilize
 
+from . import diagnostics, explain  # noqa: E402  (tools, above the core layers)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -31,4 +33,6 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "DEFAULT_EPSILON",
     "stabilize",
+    "diagnostics",
+    "explain",
 ]
