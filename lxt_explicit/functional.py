@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from .stabilizer import DEFAULT_EPSILON, sign_shift, stabilize
+from .stabilizer import DEFAULT_EPSILON, sign_shift, stabilize, stabilized_quotient
 
 __all__ = [
     "linear_epsilon",
@@ -131,7 +131,7 @@ def _rows_with_relevance(relevance: torch.Tensor):
 
 def _linear_relevance(x, weight, out, relevance, epsilon):
     dtype = _compute_dtype(out)
-    normed = torch.div(relevance.to(dtype), stabilize(out.to(dtype), epsilon))
+    normed = stabilized_quotient(relevance.to(dtype), out.to(dtype), epsilon)
     relevance_x = (normed.to(weight.dtype) @ weight).to(dtype).mul_(x.to(dtype))
     return relevance_x.to(x.dtype)
 
@@ -263,7 +263,7 @@ class _Matmul(Function):
         a, b, out = ctx.saved_tensors
         dtype = _compute_dtype(out)
         share = 0.5 if (needs_a and needs_b) else 1.0
-        normed = relevance.to(dtype) * share / stabilize(out.to(dtype), ctx.epsilon)
+        normed = stabilized_quotient(relevance.to(dtype) * share, out.to(dtype), ctx.epsilon)
         a_m, b_m, g = _as_matrices(a.to(dtype), b.to(dtype), normed)
         relevance_a = relevance_b = None
         if needs_a:
@@ -342,7 +342,7 @@ class _Add2(Function):
         relevance = relevance.to(dtype)
         operands = (a, b)
         if all(needs):
-            normed = relevance / stabilize(out, ctx.epsilon)
+            normed = stabilized_quotient(relevance, out, ctx.epsilon)
             return (
                 _sum_to_shape(normed * a.to(dtype), a.shape).to(a.dtype),
                 _sum_to_shape(normed * b.to(dtype), b.shape).to(b.dtype),
@@ -451,7 +451,7 @@ class _SumEpsilon(Function):
             return None, None, None, None, None
         x, out = ctx.saved_tensors
         dtype = _compute_dtype(out)
-        normed = relevance.to(dtype) / stabilize(out.to(dtype), ctx.epsilon)
+        normed = stabilized_quotient(relevance.to(dtype), out.to(dtype), ctx.epsilon)
         if not ctx.keepdim and ctx.dim is not None:
             dims = (ctx.dim,) if isinstance(ctx.dim, int) else tuple(ctx.dim)
             for d in sorted(d % x.dim() for d in dims):
@@ -531,7 +531,7 @@ class _LayerNorm(Function):
         # Multiplication by the weight and division by the standard deviation: identity.
         x = x.to(dtype)
         centered = x - x.mean(dim=ctx.dims, keepdim=True)
-        normed = relevance / stabilize(centered, ctx.epsilon)
+        normed = stabilized_quotient(relevance, centered, ctx.epsilon)
         relevance_x = x * (normed - normed.mean(dim=ctx.dims, keepdim=True))
         return relevance_x.to(ctx.input_dtype), None, None, None, None, None
 
@@ -736,7 +736,7 @@ class _Attention(Function):
         out = ctx.output
         ctx.inputs = ctx.output = None
         dtype = _compute_dtype(out)
-        normed = torch.div(relevance.to(dtype), stabilize(out.detach().to(dtype), ctx.epsilon)).to(out.dtype)
+        normed = stabilized_quotient(relevance.to(dtype), out.detach().to(dtype), ctx.epsilon).to(out.dtype)
         shares = (0.25, 0.25, 0.5)
         if ctx.cp:  # all relevance to the values; queries and keys get exactly zero
             shares = (0.0, 0.0, 1.0)
@@ -773,7 +773,7 @@ class _Attention(Function):
             vc = vc.repeat_interleave(groups, dim=-3)
         query_len, key_len = qc.size(-2), kc.size(-2)
         mask = _score_mask(attn_mask, ctx.is_causal, query_len, key_len, dtype, q.device)
-        normed_out = relevance.to(dtype) / stabilize(out.to(dtype), eps)
+        normed_out = stabilized_quotient(relevance.to(dtype), out.to(dtype), eps)
 
         batch_shape = torch.broadcast_shapes(qc.shape[:-2], kc.shape[:-2])
         block = _ATTENTION_BLOCK_ELEMENTS.get(q.device.type, _ATTENTION_BLOCK_ELEMENTS_DEFAULT)

@@ -27,7 +27,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from .functional import _sum_to_shape
-from .stabilizer import DEFAULT_EPSILON, stabilize
+from .stabilizer import DEFAULT_EPSILON, stabilized_quotient
 
 __all__ = [
     "Rule",
@@ -230,7 +230,7 @@ def _normalized_relevance(ctx, out_relevance, denominators, epsilon):
     for output, relevance, denominator in zip(ctx.outputs, out_relevance, denominators):
         if isinstance(output, torch.Tensor) and relevance is not None and output.requires_grad:
             outputs.append(output)
-            normalized.append(relevance / stabilize(denominator, epsilon))
+            normalized.append(stabilized_quotient(relevance, denominator, epsilon))
     return outputs, normalized
 
 

@@ -39,3 +39,14 @@ def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor
     if epsilon < 0:
         raise ValueError(f"epsilon must be non-negative, got {epsilon}")
     return sign_shift(z, epsilon).add_(z)
+
+
+def stabilized_quotient(numerator: torch.Tensor, z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:
+    """``numerator / stabilize(z, epsilon)``, computed in the stabilizer's buffer (one allocation).
+
+    ``z`` must have the broadcast shape of the result and a floating dtype that holds the result.
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be non-negative, got {epsilon}")
+    denominator = sign_shift(z, epsilon).add_(z)
+    return torch.div(numerator, denominator, out=denominator)

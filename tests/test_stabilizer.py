@@ -29,3 +29,12 @@ def test_does_not_modify_input_and_rejects_negative_epsilon():
 
 def test_one_default_epsilon():
     assert DEFAULT_EPSILON == 1e-6
+
+
+def test_stabilized_quotient_divides_by_the_stabilized_denominator():
+    from lxt_explicit.stabilizer import stabilized_quotient
+
+    z = torch.tensor([-2.0, -0.0, 0.0, 3.0], dtype=torch.float64)
+    r = torch.tensor([1.0, 1.0, -1.0, 6.0], dtype=torch.float64)
+    torch.testing.assert_close(stabilized_quotient(r, z, 1e-6), r / stabilize(z, 1e-6), rtol=0, atol=0)
+    assert torch.equal(z, torch.tensor([-2.0, -0.0, 0.0, 3.0], dtype=torch.float64))
