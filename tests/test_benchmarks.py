@@ -39,7 +39,9 @@ def _png(path: Path) -> bool:
 
 def test_every_method_gives_one_finite_score_per_token(tiny):
     model, input_ids = tiny
-    settings = attributions.Settings(ig_steps=4, ig_batch=2, smoothgrad_samples=2, smoothgrad_batch=2, occlusion_batch=5)
+    settings = attributions.Settings(
+        ig_steps=4, ig_batch=2, smoothgrad_samples=2, smoothgrad_batch=2, occlusion_batch=5
+    )
     for method in attributions.METHODS:
         scores = attributions.attribute(method, model, input_ids, 3, settings)
         assert scores.shape == (12,) and scores.dtype == torch.float32 and torch.isfinite(scores).all(), method
@@ -68,7 +70,8 @@ def test_occlusion_is_the_drop_of_the_logit_and_reusing_the_prefix_changes_nothi
         occluded = embeddings.clone()
         occluded[0, position] = 0
         with torch.no_grad():
-            torch.testing.assert_close(scores[position], (forward(embeddings) - forward(occluded))[0], atol=1e-5, rtol=0)
+            drop = (forward(embeddings) - forward(occluded))[0]
+            torch.testing.assert_close(scores[position], drop, atol=1e-5, rtol=0)
     assert scores[[0, 1, 2, 3, 5, 6, 8, 9, 10, 11]].eq(0).all()
     masks = torch.rand(7, 12, generator=torch.Generator().manual_seed(2)) < 0.5
     masks[:, :5] = False
