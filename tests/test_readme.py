@@ -33,3 +33,14 @@ def test_every_listed_class_exists_in_the_installed_transformers():
     for classes in SUPPORTED_ARCHITECTURES.values():
         for name in classes:
             assert hasattr(transformers, name), name
+
+
+def test_benchmark_headline_numbers_come_from_the_committed_results():
+    section = README[README.index("## Benchmarks") : README.index("## Notebooks and API reference")]
+    results = "\n".join(
+        (ROOT / "benchmarks" / "results" / name).read_text() for name in ("speed.md", "faithfulness.md")
+    )
+    numbers = re.findall(r"(?<![\d.])-?\d+\.\d{2,3}", section)  # "1.06-1.13": two numbers
+    assert len(numbers) >= 10
+    missing = [n for n in numbers if n not in results]
+    assert missing == [], f"README's benchmark numbers {missing} are not in benchmarks/results/*.md"
