@@ -195,16 +195,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _proc_line(path: str, prefix: str) -> str | None:
+    """The first line of the ``/proc`` file ``path`` that starts with ``prefix``, or ``None``."""
+    try:
+        with open(path) as f:
+            return next((line for line in f if line.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
 def peak_rss_since_reset() -> int:
     """Peak resident memory (bytes) since process start or the last :func:`reset_peak_rss` (``VmHWM``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    line = _proc_line("/proc/self/status", "VmHWM:")
+    return int(line.split()[1]) * 1024 if line else peak_rss_bytes()
 
 
 def extra_peak_memory(fn: Callable[[], object], device="cpu") -> dict:
@@ -273,35 +276,31 @@ def environment() -> dict:
 
 
 def _cpu_name() -> str:
+    line = _proc_line("/proc/cpuinfo", "model name")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or "unknown"
+
+
+def _git(*arguments: str) -> str | None:
+    """Output of a read-only git command in this checkout, or ``None`` where git or the checkout is missing."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return subprocess.run(
+            ["git", *arguments], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    output = _git("rev-parse", "HEAD")
+    return output.strip() if output is not None else "unknown"
 
 
 def _git_changes() -> str:
-    """Tracked files with uncommitted changes (read-only ``git status``): the code run may differ from the commit."""
-    try:
-        lines = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-            cwd=Path(__file__).parent, check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
+    """Tracked files with uncommitted changes (``git status``): the code run may differ from the commit."""
+    output = _git("status", "--porcelain", "--untracked-files=no")
+    if output is None:
         return "unknown"
-    return ", ".join(line[3:] for line in lines) or "none"
+    return ", ".join(line[3:] for line in output.splitlines()) or "none"
 
 
 def write_results(

@@ -46,7 +46,5 @@ def stabilized_quotient(numerator: torch.Tensor, z: torch.Tensor, epsilon: float
 
     ``z`` must have the broadcast shape of the result and a floating dtype that holds the result.
     """
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon}")
-    denominator = sign_shift(z, epsilon).add_(z)
+    denominator = stabilize(z, epsilon)
     return torch.div(numerator, denominator, out=denominator)

@@ -168,11 +168,11 @@ def convolutional(
     zennit_composite : zennit.core.Composite, optional
         Default: ``EpsilonPlusFlat`` with :class:`ExactSequentialMergeBatchNorm` as canonizer.
     residual_rule : bool
-        Give residual sums (``x + f(x)``) the epsilon rule.  Note that with ``EpsilonPlusFlat`` little
-        relevance reaches the pixels of a network with merged batch norms: the ZPlus rule keeps the
-        positive (merged) biases in its denominators, so every convolution absorbs a share.  With ``False`` they keep the plain
+        Give residual sums (``x + f(x)``) the epsilon rule.  With ``False`` they keep the plain
         gradient, which passes the whole relevance to both summands, as Zennit alone does; the
-        result then equals Zennit alone.
+        result then equals Zennit alone.  Either way, with ``EpsilonPlusFlat`` little relevance
+        reaches the pixels of a network with merged batch norms: the ZPlus rule keeps the positive
+        (merged) biases in its denominators, so every convolution absorbs a share.
     epsilon : float
         Stabilizer of the residual sums.
 
