@@ -46,11 +46,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import attributions  # noqa: E402
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import attributions  # noqa: E402
 from attributions import COLORS, LABELS, METHODS, Settings  # noqa: E402
 
 QUANTITIES = ("logit", "probability")

@@ -1,29 +1,29 @@
 """lxt_explicit: explicit-rule Layer-wise Relevance Propagation (AttnLRP) for PyTorch transformers.
 
 Layers, from the bottom up: :mod:`~lxt_explicit.stabilizer` ->
-:mod:`~lxt_explicit.functional` (one autograd Function per operation) ->
-:mod:`~lxt_explicit.rules` (super-functions for any module) and
-:mod:`~lxt_explicit.oprules` (torch functions -> operations) ->
-:mod:`~lxt_explicit.composite` -> :mod:`~lxt_explicit.presets` -> tools
-(:mod:`~lxt_explicit.diagnostics`, ...).
+:mod:`~lxt_explicit.functional` (one autograd Function per operation; the rules' math) ->
+:mod:`~lxt_explicit.ops` (the torch functions that are routed) ->
+:mod:`~lxt_explicit.rules` (one rule concept for modules and torch functions) ->
+:mod:`~lxt_explicit.composite` (registration and routing) ->
+:mod:`~lxt_explicit.presets`, :mod:`~lxt_explicit.checkpointing`, :mod:`~lxt_explicit.zennit_interop`
+(adapters) -> tools (:mod:`~lxt_explicit.diagnostics`, :mod:`~lxt_explicit.explain`, ...).
 
 Relevance travels in the gradient slot: after ``y.backward(y)`` the ``.grad``
 of an input is its relevance.
 """
 
-from . import functional, oprules, rules
-from .composite import Composite, CoverageWarning, RelevanceSource, UnhandledOperationError
+from . import diagnostics, explain, functional, ops, rules  # noqa: E402  (tools, above the core layers)
+from .composite import Composite, CoverageWarning, UnhandledOperationError
 from .presets import SUPPORTED_ARCHITECTURES, attnlrp, cp_lrp
+from .rules import RelevanceSource
 from .stabilizer import DEFAULT_EPSILON, stabilize
 
-from . import diagnostics, explain  # noqa: E402  (tools, above the core layers)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "functional",
+    "ops",
     "rules",
-    "oprules",
     "Composite",
     "RelevanceSource",
     "CoverageWarning",

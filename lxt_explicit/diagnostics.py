@@ -141,8 +141,9 @@ class RelevanceTrace(CompositeObserver):
     composite : Composite
         A registered Composite.
     strict : bool, optional
-        Raise :class:`NonFiniteRelevanceError` as soon as a rule turns finite
-        relevance into NaN or infinity (or an input receives it), naming the rule.
+        Raise :class:`NonFiniteRelevanceError` as soon as an input of the explanation is not
+        finite (before any rule ran), or a rule turns finite relevance into NaN or infinity (or an
+        input receives it), naming the input or the rule.
 
     Examples
     --------
@@ -187,6 +188,11 @@ class RelevanceTrace(CompositeObserver):
         self._watch_input(name, tensor)
 
     def _watch_input(self, name, tensor):
+        if self.strict and not _finite([tensor.detach()]):
+            raise NonFiniteRelevanceError(
+                f"input '{name}' of the explanation contains NaN or infinite values before any rule ran; "
+                "check the model's inputs (and the embeddings or parameters they come from)"
+            )
         self._input_relevance[name] = []
 
         def hook(grad, name=name):
@@ -341,5 +347,5 @@ def audit(model: nn.Module, composite: Composite, *args, strict: bool | None = N
         composite.strict = previous_strict
         if registered_here:
             composite.remove()
-    rows = [CoverageRow(module, op, status, rule, count) for (module, op, status, rule), count in observer.counts.items()]
+    rows = [CoverageRow(*key, count) for key, count in observer.counts.items()]
     return CoverageReport(rows)

@@ -13,26 +13,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from .composite import Composite, RelevanceSource
-from .oprules import (
-    AddEpsilon,
+from .checkpointing import TransformersCheckpointing
+from .composite import Composite
+from .rules import (
+    ActivationRule,
     AttentionRule,
-    DivByConstant,
-    DropoutRule,
-    ElementwiseIdentity,
-    GenericEpsilon,
+    EpsilonRule,
+    IdentityRule,
     LayerNormRule,
-    LinearEpsilon,
-    MatmulEpsilon,
-    MulUniform,
     MultiheadAttentionRule,
-    OpRule,
-    ReduceEpsilon,
-    SoftmaxTaylor,
-    StopRelevance,
+    RelevanceSource,
+    Rule,
+    SoftmaxRule,
+    StopRelevanceRule,
+    UniformEpsilonRule,
+    UniformRule,
 )
-from .rules import IdentityRule
-from .stabilizer import DEFAULT_EPSILON
+from .stabilizer import DEFAULT_EPSILON, check_epsilon
 
 __all__ = [
     "attnlrp",
@@ -67,7 +64,8 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
 def supported_architectures_table() -> str:
     """The README's table of supported architectures, generated from :data:`SUPPORTED_ARCHITECTURES`."""
     rows = ["| family | transformers classes |", "|---|---|"]
-    rows += [f"| {family} | {', '.join(f'`{c}`' for c in classes)} |" for family, classes in SUPPORTED_ARCHITECTURES.items()]
+    for family, classes in SUPPORTED_ARCHITECTURES.items():
+        rows.append(f"| {family} | {', '.join(f'`{c}`' for c in classes)} |")
     return "\n".join(rows)
 
 
@@ -78,12 +76,12 @@ _TORCH_ACTIVATIONS = (
 
 
 def is_rms_norm(name: str, module: nn.Module) -> bool:
-    """RMS normalization layers: ``nn.RMSNorm`` and classes named ``*RMSNorm`` (``LlamaRMSNorm``, ``Gemma3RMSNorm``, ...)."""
+    """RMS normalization layers: ``nn.RMSNorm`` and classes named ``*RMSNorm`` (``LlamaRMSNorm``, ...)."""
     return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
 
 
 def is_activation(name: str, module: nn.Module) -> bool:
-    """Element-wise activation modules: torch's and those of ``transformers.activations`` (``NewGELUActivation``, ...)."""
+    """Element-wise activation modules: torch's and ``transformers.activations``' (``NewGELUActivation``, ...)."""
     return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
 
 
@@ -94,14 +92,14 @@ def transformer_layer_map(*, relevance_sources: bool = True) -> dict:
     ----------
     relevance_sources : bool, optional
         Make every ``nn.Embedding`` (token, position and token-type embeddings) a
-        :class:`~lxt_explicit.composite.RelevanceSource`.  Without it, an embedding
+        :class:`~lxt_explicit.rules.RelevanceSource`.  Without it, an embedding
         added inside the model is a constant and absorbs its share of relevance.
     """
     layer_map: dict = {}
     if relevance_sources:
         layer_map[nn.Embedding] = RelevanceSource
     layer_map[is_rms_norm] = IdentityRule
-    layer_map[is_activation] = IdentityRule
+    layer_map[is_activation] = ActivationRule
     return layer_map
 
 
@@ -114,7 +112,7 @@ EMBEDDING_PARAMETERS: tuple[str, ...] = (
 )
 
 
-def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str, OpRule]:
+def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant") -> dict[str, Rule]:
     """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
 
     Parameters
@@ -124,28 +122,32 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False) -> dict[str,
     cp : bool, optional
         Treat attention weights as constants (CP-LRP): softmax outputs are
         detached and scaled dot-product attention sends all relevance to the values.
+    gates : {'relevant', 'constant'}, optional
+        Products of an activation's output (a gate) with another relevance-carrying tensor:
+        uniform rule on both factors, or the gate as a constant (see :class:`~lxt_explicit.rules.UniformRule`).
     """
+    epsilon = check_epsilon(epsilon)
     return {
-        "linear": LinearEpsilon(epsilon=epsilon),
-        "matmul": MatmulEpsilon(epsilon=epsilon),
-        "add": AddEpsilon(epsilon=epsilon),
-        "sub": AddEpsilon(epsilon=epsilon),
-        "mul": MulUniform(),
-        "div": DivByConstant(),
-        "neg": ElementwiseIdentity(),
-        "softmax": StopRelevance() if cp else SoftmaxTaylor(),
+        "linear": UniformEpsilonRule(epsilon=epsilon),
+        "matmul": UniformEpsilonRule(epsilon=epsilon),
+        "add": EpsilonRule(epsilon=epsilon),
+        "sub": EpsilonRule(epsilon=epsilon),
+        "mul": UniformRule(gates=gates),
+        "div": IdentityRule(),
+        "neg": IdentityRule(),
+        "softmax": StopRelevanceRule() if cp else SoftmaxRule(),
         "attention": AttentionRule(epsilon=epsilon, cp=cp),
         "multi_head_attention": MultiheadAttentionRule(epsilon=epsilon, cp=cp),
         "layer_norm": LayerNormRule(epsilon=epsilon),
-        "rms_norm": ElementwiseIdentity(),
-        "normalize": ElementwiseIdentity(),
-        "mean": ReduceEpsilon(epsilon=epsilon),
-        "sum": ReduceEpsilon(epsilon=epsilon),
-        "activation": ElementwiseIdentity(),
-        "dropout": DropoutRule(),
-        "conv": GenericEpsilon(epsilon=epsilon),
-        "avg_pool": GenericEpsilon(epsilon=epsilon),
-        "batch_norm": GenericEpsilon(epsilon=epsilon),
+        "rms_norm": IdentityRule(),
+        "normalize": IdentityRule(),
+        "mean": EpsilonRule(epsilon=epsilon),
+        "sum": EpsilonRule(epsilon=epsilon),
+        "activation": ActivationRule(),
+        "dropout": IdentityRule(),
+        "conv": UniformEpsilonRule(epsilon=epsilon),
+        "avg_pool": UniformEpsilonRule(epsilon=epsilon),
+        "batch_norm": UniformEpsilonRule(epsilon=epsilon),
     }
 
 
@@ -180,36 +182,55 @@ def attnlrp(
         More layer-map entries, tried before the preset's own (e.g. ``{MyNorm: IdentityRule}`` for
         a normalization class the preset does not know).
     ops : dict, optional
-        Op rules that replace or extend the preset's (e.g. ``{torch.einsum: GenericEpsilon()}``).
+        Op rules that replace or extend the preset's (e.g. ``{torch.einsum: UniformEpsilonRule()}``).
 
     Returns
     -------
     Composite
         Register it with ``attnlrp().register(model)``.
     """
-    return _preset(False, epsilon, relevance_sources, strict, layer_map, ops)
+    return _preset(op_rules(epsilon=epsilon), relevance_sources, strict, layer_map, ops)
 
 
 def cp_lrp(
     *,
     epsilon: float = DEFAULT_EPSILON,
+    gates: str = "constant",
     relevance_sources: bool = True,
     strict: bool = False,
     layer_map: dict | None = None,
     ops: dict | None = None,
 ) -> Composite:
-    """A fresh Composite with the CP-LRP rules (Ali et al., ICML 2022): AttnLRP without relevance through attention weights.
+    """A fresh Composite with the CP-LRP rules (Ali et al., ICML 2022): no relevance through gates.
 
-    Parameters and return value as in :func:`attnlrp`.
+    As the reference implementation (LXT) defines it, attention weights and the gates of gated
+    MLPs (``act(gate_proj(x)) * up_proj(x)``: the activation's output) are constants: attention
+    sends all relevance to the values and a gated product all of it to the ``up`` branch.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        Stabilizer of every denominator.
+    gates : {'constant', 'relevant'}, optional
+        ``'constant'`` (default, the reference definition) or ``'relevant'``: the gated product
+        splits relevance uniformly between gate and ``up`` branch, as AttnLRP does (this
+        library's CP-LRP before version 0.2; same totals, different token ranking).
+    relevance_sources, strict, layer_map, ops
+        As in :func:`attnlrp`.
+
+    Returns
+    -------
+    Composite
     """
-    return _preset(True, epsilon, relevance_sources, strict, layer_map, ops)
+    return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), relevance_sources, strict, layer_map, ops)
 
 
-def _preset(cp, epsilon, relevance_sources, strict, layer_map, ops) -> Composite:
+def _preset(rules, relevance_sources, strict, layer_map, ops) -> Composite:
     return Composite(
         _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
-        ops={**op_rules(epsilon=epsilon, cp=cp), **(ops or {})},
+        ops={**rules, **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
+        extensions=[TransformersCheckpointing()],
         strict=strict,
         warn_unmatched=False,
     )

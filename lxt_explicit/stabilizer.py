@@ -1,4 +1,4 @@
-"""The one denominator stabilizer of the library.
+"""The one denominator stabilizer of the library, and the one check of its epsilon.
 
 Every LRP rule divides relevance by a pre-activation ``z``.  The epsilon rule
 (AttnLRP, Achtibat et al. 2024, Eq. 8) shifts that denominator away from zero
@@ -8,10 +8,34 @@ denominator is never pushed through zero and never changes sign.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+__all__ = ["DEFAULT_EPSILON", "check_epsilon", "sign_shift", "stabilize", "stabilized_quotient"]
 
 #: Default epsilon of every rule and operation of the library.
 DEFAULT_EPSILON: float = 1e-6
+
+
+def check_epsilon(epsilon) -> float:
+    """Return ``epsilon`` as a float, or raise if it cannot stabilize a denominator.
+
+    Every entry point of the library (functional operations, rules, presets) validates its
+    epsilon here, when the object is made, so that a bad value never reaches a backward pass.
+
+    Raises
+    ------
+    ValueError
+        If ``epsilon`` is not a real number, or is negative, NaN or infinite.
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise ValueError(f"epsilon must be a finite non-negative number, got {epsilon!r}")
+    value = float(epsilon)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"epsilon must be a finite non-negative number, got {epsilon!r}")
+    return value
 
 
 def sign_shift(z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -28,7 +52,7 @@ def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor
     z : torch.Tensor
         Denominator to stabilize.
     epsilon : float, optional
-        Size of the shift; must be non-negative.
+        Size of the shift; must be finite and non-negative.
 
     Returns
     -------
@@ -36,9 +60,7 @@ def stabilize(z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor
         ``z + epsilon * sign(z)`` with ``sign(0) = +1``; a new tensor, ``z`` is not modified.
         ``|result| >= epsilon`` and ``sign(result) == sign(z)`` wherever ``z != 0``.
     """
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon}")
-    return sign_shift(z, epsilon).add_(z)
+    return sign_shift(z, check_epsilon(epsilon)).add_(z)
 
 
 def stabilized_quotient(numerator: torch.Tensor, z: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:

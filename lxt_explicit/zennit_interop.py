@@ -2,9 +2,10 @@
 
 Zennit and lxt_explicit meet in one backward pass, in both directions:
 
-* Zennit rules are layer-map values of a :class:`~lxt_explicit.composite.Composite`
-  (``{nn.Conv2d: zennit.rules.Gamma(gamma=0.25)}``), Zennit canonizers are its ``canonizers``,
-  and a whole Zennit composite is registered with it through ``zennit_composite=``;
+* Zennit rules are layer-map values of a :class:`~lxt_explicit.composite.Composite` through
+  :class:`ZennitRule` (``{nn.Conv2d: ZennitRule(zennit.rules.Gamma(gamma=0.25))}``), Zennit
+  canonizers are its ``canonizers``, and a whole Zennit composite is registered with it through
+  the extension :class:`ZennitComposite` (``Composite(..., extensions=[ZennitComposite(EpsilonPlusFlat())])``);
 * a :class:`~lxt_explicit.composite.Composite` follows Zennit's composite protocol (``register``,
   ``remove``, ``context``, ``handles``, ``inactive``), so it can be handed to Zennit's attributors:
   ``zennit.attribution.Gradient(model, composite)``.
@@ -31,13 +32,15 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.image import imgify, palette
 from zennit.rules import Gamma
 
-from .composite import Composite, RelevanceSource
-from .oprules import AddEpsilon, DropoutRule, PlainGradient
+from .composite import Composite
 from .presets import EMBEDDING_PARAMETERS, op_rules, transformer_layer_map
-from .stabilizer import DEFAULT_EPSILON
+from .rules import EpsilonRule, IdentityRule, PlainGradientRule, RelevanceSource, Rule
+from .stabilizer import DEFAULT_EPSILON, check_epsilon
 
 __all__ = [
     "ZENNIT_VERSION",
+    "ZennitRule",
+    "ZennitComposite",
     "ExactSequentialMergeBatchNorm",
     "vision_transformer",
     "convolutional",
@@ -58,6 +61,65 @@ _HEADS = ("classifier", "heads", "heads.*", "head")
 
 #: Patch embeddings, the relevance sources with ``relevance_at="patches"``.
 _PATCH_EMBEDDINGS = ("*embeddings.patch_embeddings", "conv_proj")
+
+
+class ZennitRule(Rule):
+    """A Zennit rule (``zennit.rules.Gamma(gamma=0.25)``, ...) as a layer-map value of a Composite.
+
+    Zennit's rules compute a module's relevance with backward hooks on its input and output.
+    Each matched module gets its own copy of the hook, registered with the Composite and removed
+    with it; the module's own forward runs unrouted, so that the hook alone decides its relevance.
+
+    Parameters
+    ----------
+    hook : zennit.core.Hook or None
+        The Zennit rule; ``None`` marks a module that a Zennit composite put hooks on itself.
+    """
+
+    traced = False
+
+    def __init__(self, hook=None):
+        self.hook = hook
+
+    def apply(self, fn, args, kwargs):
+        return fn(*args, **kwargs)
+
+    def attach(self, module) -> list:
+        return list(self.hook.register(module)) if self.hook is not None else []
+
+    def copy(self) -> "ZennitRule":
+        return ZennitRule(self.hook.copy() if self.hook is not None else None)
+
+    def options(self):
+        return {"hook": type(self.hook).__name__ if self.hook is not None else "zennit composite"}
+
+    def __repr__(self) -> str:
+        if self.hook is None:
+            return "zennit composite hook"
+        return f"{type(self.hook).__module__}.{type(self.hook).__name__}"
+
+
+class ZennitComposite:
+    """A whole Zennit composite (``EpsilonPlusFlat()``, ...) registered together with a Composite.
+
+    A :class:`~lxt_explicit.composite.Composite` extension: the Zennit composite's canonizers and
+    hooks are applied after the Composite's canonizers, the modules it hooks run unrouted (the hook
+    decides their relevance), and every other module and op gets the Composite's rules, in one
+    backward pass.
+    """
+
+    def __init__(self, zennit_composite):
+        self.zennit_composite = zennit_composite
+
+    def register(self, model, registration) -> dict:
+        before = {id(m): len(m._forward_pre_hooks) for m in model.modules()}
+        self.zennit_composite.register(model)
+        registration.undo.push(self.zennit_composite.remove)
+        hooked = [m for m in model.modules() if len(m._forward_pre_hooks) > before.get(id(m), 0)]
+        return {id(m): ZennitRule(None) for m in hooked}
+
+    def __repr__(self) -> str:
+        return f"ZennitComposite({type(self.zennit_composite).__name__})"
 
 
 class ExactSequentialMergeBatchNorm(SequentialMergeBatchNorm):
@@ -115,7 +177,7 @@ def vision_transformer(
     ``VisionTransformer`` (``vit_b_16`` and relatives).  The Gamma rule goes to every ``nn.Linear``
     and ``nn.Conv2d`` module except the classifier head, which keeps the epsilon rule.  torchvision's
     attention projections are parameters of ``nn.MultiheadAttention``, not ``nn.Linear`` modules:
-    they get the epsilon rule of :class:`~lxt_explicit.oprules.MultiheadAttentionRule`.  The class
+    they get the epsilon rule of :class:`~lxt_explicit.rules.MultiheadAttentionRule`.  The class
     token and position embeddings are relevance sources.
 
     Parameters
@@ -137,6 +199,7 @@ def vision_transformer(
     -------
     Composite
     """
+    epsilon = check_epsilon(epsilon)
     if method not in ("attnlrp", "cp_lrp"):
         raise ValueError(f"method must be 'attnlrp' or 'cp_lrp', got {method!r}")
     if relevance_at not in ("pixels", "patches"):
@@ -147,8 +210,8 @@ def vision_transformer(
             layer_map[pattern] = RelevanceSource
     for pattern in _HEADS:
         layer_map[pattern] = None
-    layer_map[nn.Conv2d] = Gamma(gamma=conv_gamma, stabilizer=epsilon)
-    layer_map[nn.Linear] = Gamma(gamma=gamma, stabilizer=epsilon)
+    layer_map[nn.Conv2d] = ZennitRule(Gamma(gamma=conv_gamma, stabilizer=epsilon))
+    layer_map[nn.Linear] = ZennitRule(Gamma(gamma=gamma, stabilizer=epsilon))
     layer_map.update(transformer_layer_map())
     return Composite(
         layer_map,
@@ -180,13 +243,14 @@ def convolutional(
     -------
     Composite
     """
+    epsilon = check_epsilon(epsilon)
     if zennit_composite is None:
         zennit_composite = EpsilonPlusFlat(canonizers=[ExactSequentialMergeBatchNorm()])
     ops = {
-        "add": AddEpsilon(epsilon=epsilon) if residual_rule else PlainGradient(),
-        "dropout": DropoutRule(),
+        "add": EpsilonRule(epsilon=epsilon) if residual_rule else PlainGradientRule(),
+        "dropout": IdentityRule(),
     }
-    return Composite(ops=ops, zennit_composite=zennit_composite, warn_unmatched=False)
+    return Composite(ops=ops, extensions=[ZennitComposite(zennit_composite)], warn_unmatched=False)
 
 
 def image_heatmap(relevance: torch.Tensor, path: str | Path, *, cmap: str = "coldnhot", level: float = 1.0) -> Path:

@@ -8,6 +8,7 @@ changed, and relevance is ``input * gradient``:
 * element-wise activations and RMS/normalizations (identity rule): gradient ``f(x) / x``;
 * layer norm: the standard deviation is detached (identity on the division, linear centering);
 * products and matrix products of two relevance-carrying operands (uniform rule): half the gradient;
+  CP-LRP: a factor that an activation produced (the gate of a gated MLP) is detached instead;
 * softmax (AttnLRP): the plain gradient, which *is* the deep-Taylor rule with bias;
   CP-LRP: the attention weights are detached.
 """
@@ -41,9 +42,11 @@ class GxIMode(TorchFunctionMode):
 
     ACTIVATIONS = {F.silu, F.gelu, F.relu, torch.tanh, torch.Tensor.tanh, torch.sigmoid, F.tanh}
 
-    def __init__(self, cp: bool):
+    def __init__(self, cp: bool, gates: dict, constant_gates: bool = True):
         super().__init__()
         self.cp = cp
+        self.constant_gates = constant_gates
+        self.gates = gates  # id -> tensor: outputs of activations (kept alive, so ids stay unique)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -52,11 +55,17 @@ class GxIMode(TorchFunctionMode):
         if func in (torch.matmul, torch.Tensor.matmul, torch.bmm) and _rg(args[0]) and _rg(args[1]):
             return _half_gradient(func(*args, **kwargs))
         if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__) and _rg(args[0]) and _rg(args[1]):
+            gate = [id(a) in self.gates and self.gates[id(a)] is a for a in args[:2]]
+            if self.cp and self.constant_gates and gate[0] != gate[1]:  # CP-LRP: the gate is a constant factor
+                a, b = (t.detach() if g else t for t, g in zip(args[:2], gate))
+                return func(a, b)
             return _half_gradient(func(*args, **kwargs))
         if func in (F.softmax, torch.softmax, torch.Tensor.softmax) and self.cp:
             return func(*args, **kwargs).detach()
         if func in self.ACTIVATIONS and _rg(args[0]):
-            return _with_gradient_ratio(args[0], func(*args, **kwargs))
+            out = _with_gradient_ratio(args[0], func(*args, **kwargs))
+            self.gates[id(out)] = out
+            return out
         if func is F.layer_norm and _rg(args[0]):
             x, shape = args[0], args[1]
             weight = args[2] if len(args) > 2 else kwargs.get("weight")
@@ -106,16 +115,17 @@ class GxIMode(TorchFunctionMode):
         return exact.detach() + (out - out.detach())
 
 
-def _is_identity_module(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return (
-        name.endswith("RMSNorm")
-        or type(module).__module__ == "transformers.activations"
-        or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid))
+def _is_activation_module(module: nn.Module) -> bool:
+    return type(module).__module__ == "transformers.activations" or isinstance(
+        module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid)
     )
 
 
-def gxi_relevance(model: nn.Module, run, *, cp: bool = False, leaf_inputs=()):
+def _is_identity_module(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") or _is_activation_module(module)
+
+
+def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bool = True, leaf_inputs=()):
     """Relevance of every embedding output (and of ``leaf_inputs``) by Gradient x Input.
 
     Parameters
@@ -126,6 +136,9 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, leaf_inputs=()):
         ``run(model) -> target`` runs the model and returns the scalar (or summed) quantity to explain.
     cp : bool
         CP-LRP instead of AttnLRP.
+    constant_gates : bool
+        With ``cp``: the outputs of activations are constant factors of products (the reference
+        definition of CP-LRP); else products of two relevance-carrying factors split uniformly.
     leaf_inputs : sequence of (name, tensor)
         Inputs that require a gradient, passed to the model by ``run``.
 
@@ -138,6 +151,7 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, leaf_inputs=()):
     for p, _ in saved_grad:
         p.requires_grad_(False)
     leaves: dict[str, torch.Tensor] = {}
+    gates: dict[int, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
@@ -149,13 +163,18 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, leaf_inputs=()):
 
             handles.append(module.register_forward_hook(to_leaf))
         elif _is_identity_module(module):
-            handles.append(
-                module.register_forward_hook(
-                    lambda mod, args, output: _with_gradient_ratio(args[0], output) if _rg(args[0]) else output
-                )
-            )
+
+            def identity(mod, args, output):
+                if not _rg(args[0]):
+                    return output
+                output = _with_gradient_ratio(args[0], output)
+                if _is_activation_module(mod):
+                    gates[id(output)] = output
+                return output
+
+            handles.append(module.register_forward_hook(identity))
     try:
-        with GxIMode(cp):
+        with GxIMode(cp, gates, constant_gates):
             target = run(model)
         target.backward()
     finally:

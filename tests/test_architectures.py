@@ -7,15 +7,17 @@ bfloat16, accelerate offloading and the absence of process-global side effects.
 """
 
 import copy
+import traceback
 import warnings
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from gxi_reference import gxi_relevance
+from torch.overrides import TorchFunctionMode
 
 import lxt_explicit as lxt
-import tiny_models as tm
-from gxi_reference import gxi_relevance
 from lxt_explicit.diagnostics import audit
 
 METHODS = {"attnlrp": lxt.attnlrp, "cp_lrp": lxt.cp_lrp}
@@ -40,6 +42,39 @@ def explain(model, arch, inputs, composite):
 
 def max_relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cp_lrp_with_relevant_gates_equals_the_uniform_split(arch):
+    model = tm.build(arch)
+    inputs = tm.inputs(arch)
+    ours, _ = explain(model, arch, inputs, lxt.cp_lrp(epsilon=1e-12, gates="relevant"))
+    constant, _ = explain(model, arch, inputs, lxt.cp_lrp(epsilon=1e-12))
+    reference = gxi_relevance(model, lambda m: tm.target(arch, m(**inputs)), cp=True, constant_gates=False)
+    for name, expected in reference.items():
+        assert max_relative_error(ours[name], expected.sum(-1)) <= 1e-6, name
+        assert max_relative_error(constant[name], expected.sum(-1)) > 1e-4, name  # the two definitions differ
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_several_targets_of_one_forward_pass_fused_attention_equals_eager(arch, method):
+    results = {}
+    for attn in ("eager", "sdpa"):
+        model = tm.build(arch, attn=attn)
+        composite = METHODS[method](epsilon=1e-12)
+        with composite.context(model):
+            logits = model(**tm.inputs(arch)).logits
+            source = composite.source_tensors()[next(iter(composite.source_tensors()))]
+            position = -1 if arch in tm.CAUSAL else 2
+            first, second = logits[0, position, 5], logits[0, position, 7]
+            one = torch.autograd.grad(first, source, first.detach(), retain_graph=True)[0]
+            two = torch.autograd.grad(second, source, second.detach(), retain_graph=True)[0]
+            again = torch.autograd.grad(first, source, first.detach())[0]  # a third pass, the last one
+        torch.testing.assert_close(again, one, rtol=0, atol=0)
+        results[attn] = (one.sum(-1), two.sum(-1))
+    for eager, sdpa in zip(results["eager"], results["sdpa"]):
+        assert max_relative_error(sdpa, eager) <= 1e-6
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -261,3 +296,45 @@ def test_generate_runs_unchanged_while_registered(arch):
     expected = model.generate(ids, **kwargs)
     with lxt.attnlrp().context(model):
         assert torch.equal(model.generate(ids, **kwargs), expected)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the library's calls that read tensor values on the host (a synchronization on an accelerator)."""
+
+    READS = {
+        torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__float__,
+        torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.equal, torch.Tensor.numpy,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            # the code that asked: the innermost frame outside torch, this mode and the routing of the calls
+            callers = [
+                f for f in traceback.extract_stack()[:-1]
+                if "/torch/" not in f.filename and not f.filename.endswith(("routing.py", "test_architectures.py"))
+            ]
+            if callers and "/lxt_explicit/" in callers[-1].filename:
+                self.reads.append(f"{func.__name__} in {callers[-1].filename.rsplit('/', 1)[-1]}:{callers[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_reads_per_operation_in_forward_and_backward(method, padded):
+    model = tm.build("llama", attn="sdpa", dtype=torch.float32)
+    inputs = tm.inputs("llama", batch=2, length=9, dtype=torch.float32)
+    if padded:
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0
+        inputs["attention_mask"] = mask
+    composite = METHODS[method]()
+    with composite.context(model), HostReads() as reads:
+        logits = model(**inputs).logits
+        goal = logits[:, -1].max(-1).values.sum()
+        goal.backward(goal.detach())
+    # at most one read per distinct attention mask and forward pass (whether it carries a bias), none per layer
+    assert len(reads.reads) <= (1 if padded else 0), reads.reads

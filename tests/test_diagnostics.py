@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from test_composite import GatedNet, gated_composite
 from torch import nn
 
 from lxt_explicit import Composite, CoverageWarning, RelevanceSource, UnhandledOperationError
 from lxt_explicit.diagnostics import NonFiniteRelevanceError, RelevanceTrace, audit
-from lxt_explicit.oprules import AddEpsilon, MulUniform
 from lxt_explicit.rules import EpsilonRule, IdentityRule
-from test_composite import GatedNet, gated_composite
 
 D = torch.float64
 
@@ -24,13 +23,13 @@ def test_report_records_every_rule_and_the_totals():
     labels = [r.label for r in report.records]
     assert labels[0] == "head"  # backward order: the last rule first
     assert {"head", "down", "up", "gate", "act", "<root>:add", "<root>:mul"} <= set(labels)
-    torch.testing.assert_close(torch.tensor(report.output_total, dtype=D), out.detach().sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(report.output_total, dtype=D), out.detach().sum(), rtol=1e-10, atol=1e-12)
     assert set(report.input_totals) == {"embed"}
     torch.testing.assert_close(
-        torch.tensor(report.input_total, dtype=D), composite.source_relevance()["embed"].sum(), rtol=1e-12, atol=1e-12
+        torch.tensor(report.input_total, dtype=D), composite.source_relevance()["embed"].sum(), rtol=1e-10, atol=1e-12
     )
     for record in report.records:
-        if record.rule.startswith(("IdentityRule", "MulUniform")):
+        if record.rule.startswith(("IdentityRule", "UniformRule")):
             assert abs(record.absorbed) < 1e-12  # identity and uniform rules conserve
     head = next(r for r in report.records if r.label == "head")
     z = out.detach()
@@ -64,6 +63,17 @@ def test_strict_mode_names_the_first_rule_with_non_finite_relevance():
     composite.remove()
 
 
+def test_strict_mode_names_an_input_that_is_not_finite_before_any_rule_ran():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).double()
+    composite = Composite({nn.Linear: EpsilonRule()}).register(model)
+    x = torch.randn(2, 3, dtype=D)
+    x[0, 1] = float("nan")
+    with pytest.raises(NonFiniteRelevanceError, match=r"input 'args\[0\]'.*before any rule ran"):
+        with RelevanceTrace(composite, strict=True):
+            model(x.requires_grad_())
+    composite.remove()
+
+
 def test_trace_needs_a_registered_composite():
     with pytest.raises(RuntimeError, match="registered"):
         RelevanceTrace(Composite())
@@ -82,7 +92,7 @@ class Custom(nn.Module):
 
 def test_audit_lists_rules_neutral_and_unhandled_ops():
     model = Custom().double()
-    composite = Composite({nn.Embedding: RelevanceSource, nn.Linear: EpsilonRule}, ops={"add": AddEpsilon()})
+    composite = Composite({nn.Embedding: RelevanceSource, nn.Linear: EpsilonRule}, ops={"add": EpsilonRule()})
     with pytest.warns(CoverageWarning, match=r"Tensor\.pow"):
         report = audit(model, composite, torch.randint(0, 5, (2, 3)))
     assert [(r.module, r.op) for r in report.unhandled] == [("", "Tensor.pow")]

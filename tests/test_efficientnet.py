@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from zennit.canonizers import SequentialMergeBatchNorm
 
-from lxt_explicit.zennit_interop import ExactSequentialMergeBatchNorm
-
 from lxt_explicit.models import efficientnet as eff
+from lxt_explicit.zennit_interop import ExactSequentialMergeBatchNorm
 
 torch.set_num_threads(1)
 

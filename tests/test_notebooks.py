@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import skip_without_smollm2
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat (pip install nbformat)")
@@ -56,7 +55,8 @@ def needs_real_model(name: str) -> bool:
 
 def params():
     return [
-        pytest.param(name, marks=pytest.mark.real_model, id=name) if needs_real_model(name) else pytest.param(name, id=name)
+        pytest.param(name, marks=pytest.mark.real_model, id=name) if needs_real_model(name)
+        else pytest.param(name, id=name)
         for name in EXPECTED
     ]
 
@@ -77,7 +77,8 @@ def test_notebook_is_checked_in_executed(name):
     )
     for index, cell in enumerate(code):
         for output in cell.outputs:
-            assert output.output_type != "error", f"{name}, code cell {index}: {output.get('ename')}: {output.get('evalue')}"
+            error = f"{output.get('ename')}: {output.get('evalue')}"
+            assert output.output_type != "error", f"{name}, code cell {index}: {error}"
             if output.output_type == "stream" and output.name == "stderr":
                 assert "Traceback" not in output.text, f"{name}, code cell {index}: {output.text[-500:]}"
     last = code[-1]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stab
 from torch import nn
 
 from lxt_explicit.rules import (
@@ -13,7 +14,6 @@ from lxt_explicit.rules import (
     UniformEpsilonRule,
     UniformRule,
 )
-from conftest import stab
 
 D = torch.float64
 EPS = 1e-6
@@ -34,7 +34,7 @@ def test_epsilon_rule_on_linear_module(shape, bias):
     out.backward(R)
     z = layer(x).detach()
     expected = torch.einsum("...i,ji,...j->...i", x.detach(), layer.weight.detach(), R / stab(z, EPS))
-    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-14)
 
 
 def test_epsilon_rule_on_linear_equals_zennit_epsilon():
@@ -48,10 +48,12 @@ def test_epsilon_rule_on_linear_equals_zennit_epsilon():
     ours = x.grad.clone()
 
     x2 = x.detach().clone().requires_grad_()
-    composite = zennit_core.Composite(module_map=lambda ctx, name, module: Epsilon(epsilon=1e-6) if module is layer else None)
+    composite = zennit_core.Composite(
+        module_map=lambda ctx, name, module: Epsilon(epsilon=1e-6) if module is layer else None
+    )
     with composite.context(layer) as modified:
         modified(x2).backward(R)
-    torch.testing.assert_close(ours, x2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, x2.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_epsilon_rule_on_any_function_is_input_times_vjp():
@@ -65,8 +67,8 @@ def test_epsilon_rule_on_any_function_is_input_times_vjp():
     # element-wise: dy/da = (1 - tanh^2(a)) b + 2a, dy/db = tanh(a)
     ja = (1 - torch.tanh(a.detach()) ** 2) * b.detach() + 2 * a.detach()
     jb = torch.tanh(a.detach())
-    torch.testing.assert_close(a.grad, a.detach() * ja * normed, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(b.grad, b.detach() * jb * normed, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.grad, a.detach() * ja * normed, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(b.grad, b.detach() * jb * normed, rtol=1e-10, atol=1e-14)
 
 
 def test_uniform_epsilon_rule_on_matmul_equals_proposition_3_3():
@@ -116,7 +118,7 @@ def test_taylor_at_input_with_bias_is_the_softmax_rule():
     out.backward(R)
     s = torch.softmax(x.detach(), -1)
     expected = x.detach() * (R - s * R.sum(-1, keepdim=True))  # Proposition 3.1
-    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-13)
 
 
 def test_taylor_with_reference_point_literal_jacobian():
@@ -129,7 +131,7 @@ def test_taylor_with_reference_point_literal_jacobian():
     out.backward(R)
     J = torch.autograd.functional.jacobian(fn, ref)  # J[j, i] at the reference point
     expected = torch.einsum("i,ji,j->i", x.detach() - ref, J, R / stab(fn(x.detach()), EPS))
-    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-13)
 
 
 def test_taylor_without_bias_conserves_exactly():
@@ -184,3 +186,64 @@ def test_rule_copies_are_independent_and_configured():
     assert repr(rule) == "EpsilonRule(epsilon=0.001)"
     with pytest.raises(ValueError, match="non-negative"):
         EpsilonRule(epsilon=-1.0)
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1e-6, "0.1"])
+def test_every_rule_and_preset_rejects_a_bad_epsilon_when_it_is_made(epsilon):
+    import lxt_explicit as lxt
+    from lxt_explicit.rules import AttentionRule, LayerNormRule, MultiheadAttentionRule
+    from lxt_explicit.zennit_interop import convolutional, vision_transformer
+
+    makers = [
+        lambda: EpsilonRule(epsilon=epsilon), lambda: UniformEpsilonRule(epsilon=epsilon),
+        lambda: TaylorDecompositionRule(epsilon=epsilon), lambda: LayerNormRule(epsilon=epsilon),
+        lambda: AttentionRule(epsilon=epsilon), lambda: MultiheadAttentionRule(epsilon=epsilon),
+        lambda: lxt.attnlrp(epsilon=epsilon), lambda: lxt.cp_lrp(epsilon=epsilon),
+        lambda: vision_transformer(epsilon=epsilon), lambda: convolutional(epsilon=epsilon),
+    ]
+    for make in makers:
+        with pytest.raises(ValueError, match="epsilon must be a finite non-negative number"):
+            make()
+
+
+@pytest.mark.parametrize("gates", ["relevant", "constant"])
+def test_uniform_rule_on_a_gated_product(gates):
+    from lxt_explicit import functional as lf
+    from lxt_explicit.functional import is_gate
+
+    a, b = leaf(3, 4), leaf(3, 4)
+    gate = lf.activation(F.silu, a)
+    assert is_gate(gate) and is_gate(gate.transpose(0, 1)) and not is_gate(b) and not is_gate(F.silu(a))
+    out = UniformRule(gates=gates)(torch.mul, gate, b)
+    assert torch.equal(out, F.silu(a) * b)
+    R = torch.randn(3, 4, dtype=D)
+    out.backward(R)
+    if gates == "relevant":  # Proposition 3.2: half each; the identity rule passes the gate's half to a
+        torch.testing.assert_close(a.grad, 0.5 * R, rtol=0, atol=0)
+        torch.testing.assert_close(b.grad, 0.5 * R, rtol=0, atol=0)
+    else:  # CP-LRP (the reference definition): the gate is a constant, the up branch gets everything
+        assert a.grad is None
+        torch.testing.assert_close(b.grad, R, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gates"):
+        UniformRule(gates="sometimes")
+
+
+def test_constant_gates_only_when_another_factor_carries_relevance():
+    from lxt_explicit import functional as lf
+
+    a, b = leaf(2, 3), leaf(2, 3)
+    both = UniformRule(gates="constant")(torch.mul, lf.activation(torch.tanh, a), lf.activation(torch.sigmoid, b))
+    R = torch.randn(2, 3, dtype=D)
+    both.backward(R)  # two gates: no other factor to take the relevance, so the uniform rule
+    torch.testing.assert_close(a.grad, 0.5 * R, rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, 0.5 * R, rtol=0, atol=0)
+
+
+def test_a_rule_that_does_not_cover_a_call_declines_with_a_value_error():
+    from lxt_explicit.rules import RuleDeclined, SoftmaxRule
+
+    with pytest.raises(RuleDeclined, match="exactly one"):
+        IdentityRule()(torch.add, leaf(2), leaf(2))
+    with pytest.raises(RuleDeclined, match="softmax"):
+        SoftmaxRule()(torch.exp, leaf(3))
+    assert issubclass(RuleDeclined, ValueError)

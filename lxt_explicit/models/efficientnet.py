@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np

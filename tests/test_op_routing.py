@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stab
 from torch import nn
 
 import lxt_explicit as lxt
 import lxt_explicit.functional as lf
-from conftest import stab
-from lxt_explicit.oprules import OP_GROUPS, RELEVANCE_NEUTRAL, op_name
+from lxt_explicit.ops import OP_GROUPS, RELEVANCE_NEUTRAL, op_name
 
 D = torch.float64
 EPS = 1e-6
@@ -44,9 +44,9 @@ def test_average_pooling_gets_the_epsilon_rule():
     R = out
     # each output is the mean of a 2x2 window: R_i = (x_i / 4) / stab(z) * R
     normed = (R / stab(out, EPS)).repeat_interleave(2, -1).repeat_interleave(2, -2)
-    torch.testing.assert_close(rx, x / 4 * normed, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rx, x / 4 * normed, rtol=1e-10, atol=1e-14)
     out, (rx,) = routed(lambda t: F.adaptive_avg_pool2d(t, 1), x)
-    torch.testing.assert_close(rx, x / 16 * (out / stab(out, EPS)), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rx, x / 16 * (out / stab(out, EPS)), rtol=1e-10, atol=1e-14)
 
 
 def test_max_pooling_passes_relevance_to_the_maximum():
@@ -69,7 +69,7 @@ def test_batch_norm_in_eval_mode_gets_the_epsilon_rule():
         out.backward(out.detach())
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[None, :, None, None]
     y = out.detach()
-    torch.testing.assert_close(x.grad, x.detach() * scale * y / stab(y, EPS), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(x.grad, x.detach() * scale * y / stab(y, EPS), rtol=1e-10, atol=1e-14)
 
 
 def test_subtraction_and_reflected_subtraction():
@@ -99,7 +99,7 @@ def test_addmm_is_the_linear_epsilon_rule():
     x, W, b = torch.randn(5, 4, dtype=D), torch.randn(4, 3, dtype=D), torch.randn(3, dtype=D)
     out, (rx,) = routed(lambda t: torch.addmm(b, t, W), x)
     assert torch.equal(out, torch.addmm(b, x, W))
-    torch.testing.assert_close(rx, torch.einsum("ik,kj,ij->ik", x, W, out / stab(out, EPS)), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(rx, torch.einsum("ik,kj,ij->ik", x, W, out / stab(out, EPS)), rtol=1e-10, atol=1e-14)
 
 
 def test_training_dropout_passes_relevance_to_the_kept_units():

@@ -1,0 +1,230 @@
+"""Routing while a registered model runs: module wrappers, the torch-function mode and per-forward state.
+
+Everything a forward pass changes lives in :class:`ForwardState`, one per thread, so that one
+registered model can run in several threads and every thread reads its own relevance sources.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..ops import RELEVANCE_NEUTRAL, op_name
+from ..rules import RuleDeclined
+from .events import Events
+
+__all__ = ["ForwardState", "Router"]
+
+
+class ForwardState(threading.local):
+    """The routing state of one thread: inside the model or not, paused by a module rule, sources made."""
+
+    def __init__(self):
+        self.active = False
+        self.paused = 0
+        self.stack: list[str] = []
+        self.sources: dict[str, torch.Tensor] = {}
+        self.parameter_leaves: dict[int, torch.Tensor] = {}
+
+
+def _any_relevant(args, kwargs) -> bool:
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor) and item.requires_grad:
+                    return True
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return True
+    return False
+
+
+def _output_relevant(output) -> bool:
+    if isinstance(output, torch.Tensor):
+        return output.requires_grad
+    if isinstance(output, (list, tuple)):
+        return any(isinstance(o, torch.Tensor) and o.requires_grad for o in output)
+    return False
+
+
+def _is_neutral(func) -> bool:
+    try:
+        return func in RELEVANCE_NEUTRAL
+    except TypeError:
+        return False
+
+
+class _RoutingMode(TorchFunctionMode):
+    """Hands torch function calls on the relevance path to their rules while a registered model runs."""
+
+    def __init__(self, router: "Router"):
+        super().__init__()
+        self.router = router
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.router.route(func, args, kwargs or {})
+
+
+class Router:
+    """Routes the calls of one registered model to rules: module wrappers and the torch-function mode."""
+
+    def __init__(self, ops: dict, events: Events, composite):
+        self.ops = ops
+        self.events = events
+        self.composite = composite
+        self.state = ForwardState()
+        self.mode = _RoutingMode(self)
+        self.parameter_sources: dict[int, tuple[str, torch.nn.Parameter]] = {}
+
+    def module_name(self) -> str:
+        return self.state.stack[-1] if self.state.stack else ""
+
+    # -- torch functions --------------------------------------------------------------------------
+    def route(self, func, args, kwargs):
+        if self.state.paused or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if self.parameter_sources:
+            args, kwargs = self._substitute_parameter_sources(args, kwargs)
+        try:
+            entry = self.ops.get(func)
+        except TypeError:
+            entry = None
+        if entry is not None:
+            return self._apply_op_rule(entry, func, args, kwargs)
+        output = func(*args, **kwargs)
+        if not _output_relevant(output):
+            return output
+        if _is_neutral(func):
+            if self.events.observers:
+                self.events.neutral(self.module_name(), func)
+        elif _any_relevant(args, kwargs):
+            self.events.unhandled(self.module_name(), op_name(func), None)
+        return output
+
+    def _apply_op_rule(self, entry, func, args, kwargs):
+        if not _any_relevant(args, kwargs):
+            return func(*args, **kwargs)
+        group, rule = entry
+        try:
+            output = rule.apply(func, args, kwargs)
+        except RuleDeclined as declined:
+            output = func(*args, **kwargs)
+            self.events.unhandled(self.module_name(), op_name(func), f"{rule!r} declined: {declined}")
+            return output
+        self.events.op_rule(self.module_name(), group, func, rule, output)
+        return output
+
+    def _substitute_parameter_sources(self, args, kwargs):
+        """Replace parameters that are relevance sources by this forward pass's leaf copy of them."""
+        sources = self.parameter_sources
+        if not any(isinstance(a, torch.Tensor) and id(a) in sources for a in args) and not any(
+            isinstance(v, torch.Tensor) and id(v) in sources for v in kwargs.values()
+        ):
+            return args, kwargs
+        leaves = self.state.parameter_leaves
+
+        def swap(value):
+            if isinstance(value, torch.Tensor) and id(value) in sources:
+                leaf = leaves.get(id(value))
+                if leaf is None:
+                    leaf = leaves[id(value)] = value.detach().requires_grad_()
+                    self.source_created(sources[id(value)][0], leaf)
+                return leaf
+            return value
+
+        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+    # -- modules ----------------------------------------------------------------------------------
+    def wrapper(self, name: str, module, original: Callable, rule, callbacks=()) -> Callable:
+        """The instance-level ``forward`` of ``module``: track the module, apply its rule.
+
+        ``original`` is the forward it replaces; ``callbacks`` are called with the module first
+        (see ``Registration.before_call``).
+        """
+        state = self.state
+        is_root = module is self.events.model
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            for callback in callbacks:
+                callback(module)
+            if not state.active:
+                return self.enter(forward, is_root, args, kwargs)
+            state.stack.append(name)
+            try:
+                if rule is None or state.paused:
+                    return original(*args, **kwargs)
+                return self._apply_module_rule(name, rule, original, args, kwargs)
+            finally:
+                state.stack.pop()
+
+        forward.__lxt_composite__ = self.composite
+        return forward
+
+    def _apply_module_rule(self, name, rule, original, args, kwargs):
+        state = self.state
+        state.paused += 1  # a module with a rule is run by the rule: the ops inside are not routed
+        try:
+            output = rule.apply(original, args, kwargs)
+        except RuleDeclined as declined:
+            output, reason = None, str(declined)
+        except (TypeError, ValueError) as error:
+            error.add_note(f"lxt_explicit: raised by {rule!r} on module '{name}'")
+            raise
+        else:
+            reason = None
+        finally:
+            state.paused -= 1
+        if reason is not None:  # run the module's operations through their own rules instead
+            self.events.unhandled(name, repr(rule), f"declined: {reason}")
+            return original(*args, **kwargs)
+        if rule.is_source:
+            self.source_created(name, output)
+        else:
+            self.events.module_rule(name, rule, output)
+        return output
+
+    def enter(self, forward, is_root, args, kwargs):
+        """Start routing for a call of the model (or of one of its modules, called directly)."""
+        state = self.state
+        if is_root:
+            state.sources = {}
+            state.parameter_leaves = {}
+            self.events.forward_started(args, kwargs)
+        state.active = True
+        try:
+            with self.mode:
+                return forward(*args, **kwargs)
+        finally:
+            state.active = False
+
+    def run_routed(self, name: str, function: Callable, args: tuple, kwargs: dict):
+        """Run ``function`` routed, as if inside module ``name`` (a recomputation in the backward pass)."""
+        state = self.state
+        if state.active:
+            return function(*args, **kwargs)
+        state.active = True
+        state.stack.append(name)
+        try:
+            with self.mode:
+                return function(*args, **kwargs)
+        finally:
+            state.stack.pop()
+            state.active = False
+
+    def source_created(self, name: str, output) -> None:
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        sources = self.state.sources
+        key, index = name, 1
+        while key in sources:
+            key, index = f"{name}#{index}", index + 1
+        sources[key] = output
+        self.events.source(key, output)

@@ -1,0 +1,55 @@
+"""Rules that end or start the relevance path, or leave a call to autograd on purpose."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rule
+from .graph import output_tensors
+
+__all__ = ["StopRelevanceRule", "PlainGradientRule", "RelevanceSource"]
+
+
+class StopRelevanceRule(Rule):
+    """Stop relevance: the output is returned detached, as a constant.
+
+    Downstream rules see a constant (a product with it passes all relevance to
+    the other factor) and no relevance reaches the inputs.  This is how CP-LRP
+    treats attention weights.
+    """
+
+    def explain_call(self, fn, args, kwargs):
+        output = fn(*args, **kwargs)
+        if isinstance(output, torch.Tensor):
+            return output.detach()
+        outputs, _ = output_tensors(output, fn)
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+
+class PlainGradientRule(Rule):
+    """Leave the call to autograd on purpose: its ordinary backward pass moves the relevance.
+
+    For operations whose gradient is the wanted rule (Zennit alone passes the whole relevance
+    to both summands of a residual sum, for example).
+    """
+
+    def explain_call(self, fn, args, kwargs):
+        return fn(*args, **kwargs)
+
+
+class RelevanceSource(Rule):
+    """Mark a module's output as an input of the explanation.
+
+    The output is returned as a new leaf tensor that requires a gradient, so
+    relevance is collected there: after the backward pass
+    :meth:`~lxt_explicit.composite.Composite.source_relevance` returns it.
+    Embedding layers are the usual sources: token, position and token-type embeddings.
+    """
+
+    is_source = True
+
+    def apply(self, fn, args, kwargs):
+        output = fn(*args, **kwargs)
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.is_floating_point():
+            output = output.detach().requires_grad_()
+        return output
