@@ -364,7 +364,8 @@ class LLMRelevanceAttribution(LLMGradientAttribution):
             return super().attribute(inp, target, gen_args, **kwargs)
         text = inp.to_model_input()
         tokens = super().attribute(TextTokenInput(text, self.tokenizer), target, gen_args, **kwargs)
-        rows = torch.cat([tokens.seq_attr[None], tokens.token_attr]).double() @ _segments(inp, text, self.tokenizer)
+        rows = torch.cat([tokens.seq_attr[None], tokens.token_attr])
+        rows = rows @ _segments(inp, text, self.tokenizer).to(rows)
         rows = inp.format_attr(rows)
         return LLMAttributionResult(
             seq_attr=rows[0], token_attr=rows[1:], input_tokens=inp.values, output_tokens=tokens.output_tokens, inp=inp

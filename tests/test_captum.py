@@ -49,7 +49,9 @@ def embeddings_forward(model):
     return lambda embeds: model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
 
 
-@pytest.mark.parametrize("attribution, preset, method", [(AttnLRP, lxt.attnlrp, "attnlrp"), (CPLRP, lxt.cp_lrp, "cp_lrp")])
+@pytest.mark.parametrize(
+    "attribution, preset, method", [(AttnLRP, lxt.attnlrp, "attnlrp"), (CPLRP, lxt.cp_lrp, "cp_lrp")]
+)
 def test_token_ids_relevance_equals_explain(model, tokenizer, attribution, preset, method):
     ids = ids_of(tokenizer, PROMPT)
     paris = tokenizer.convert_tokens_to_ids("paris")

@@ -7,8 +7,9 @@ and token; Inseq's own tools (aggregators, ``show``, ``save``/``load``) run on t
 import pytest
 import torch
 
-INSTALL = 'pip install --no-deps inseq==0.7.1 rich jaxtyping "typeguard<=2.13.3" treescope wadler-lindig'
-inseq = pytest.importorskip("inseq", reason=f"the Inseq integration needs Inseq: {INSTALL}")
+from conftest import INSEQ_INSTALL
+
+inseq = pytest.importorskip("inseq", reason=f"the Inseq integration needs Inseq: {INSEQ_INSTALL}")
 
 import lxt_explicit.inseq  # noqa: E402,F401  registers "attnlrp" and "cp_lrp"
 import tiny_language_model as tlm  # noqa: E402
@@ -75,7 +76,8 @@ def test_contrastive_step_function_equals_explain_with_contrast(model, tokenizer
         )
     (_, token0, first), (_, token1, second) = steps(output)
     assert (token0, token1) == ("london → paris", "a → is")
-    for prefix, target, contrast, relevance in [(PROMPT, "paris", "london", first), (PROMPT + " paris", "is", "a", second)]:
+    cases = [(PROMPT, "paris", "london", first), (PROMPT + " paris", "is", "a", second)]
+    for prefix, target, contrast, relevance in cases:
         ours = explain(model, tokenizer, prefix, target=target, contrast=contrast)
         torch.testing.assert_close(relevance, ours.relevance, rtol=1e-6, atol=1e-6)
 
