@@ -299,9 +299,11 @@ def _value_spans(inp: TextTemplateInput, text: str) -> list[tuple[int, int, int]
 
 def _segments(inp: TextTemplateInput, text: str, tokenizer: Any) -> torch.Tensor:
     """Matrix ``(tokens, interpretable features)``: 1 where a token overlaps a value of the template."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("TextTemplateInput needs a fast tokenizer (for the character offsets of its tokens)")
     encoded = tokenizer(text, return_offsets_mapping=True)
     if list(encoded["input_ids"]) != tokenizer.encode(text):
-        raise ValueError("the tokenizer's offsets do not match its tokens; TextTemplateInput needs a fast tokenizer")
+        raise ValueError("the tokenizer's tokens with offsets differ from its encode(); cannot map values to tokens")
     spans = _value_spans(inp, text)
     matrix = torch.zeros(len(encoded["input_ids"]), inp.n_itp_features, dtype=torch.float64)
     for token, (start, end) in enumerate(encoded["offset_mapping"]):
@@ -320,7 +322,7 @@ class LLMRelevanceAttribution(LLMGradientAttribution):
     tokens it covers; tokens of the template's own text are left out, and values grouped by the
     template's ``mask`` share their summed relevance (Captum's convention).  ``TextTokenInput`` is
     handled by Captum's class unchanged.  What is explained is what ``LLMGradientAttribution``
-    explains: the log-probability of each target token (see :mod:`lxt_explicit.captum`).
+    explains: the log-probability of each target token (see :mod:`lxt_explicit.forward_relevance`).
 
     Parameters
     ----------

@@ -25,6 +25,7 @@ signed and not normalized, so Inseq's aggregators (``spans``, ``subwords``, ``pa
 ``save()`` and ``load()`` work on them as they are.  Pass ``return_convergence_delta=True`` to
 ``attribute`` for a step score ``deltas``: the explained value minus the summed relevance.
 
+``inseq.load_model(model, "attnlrp", tokenizer=tokenizer, epsilon=1e-8)`` sets the stabilizer.
 The rules are registered on the model only inside each attribution step (one forward and one
 backward pass) and removed afterwards; generation and Inseq's step scores run on the model as it
 is.  Decoder-only models only.

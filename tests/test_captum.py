@@ -79,6 +79,22 @@ def test_default_target_is_the_most_likely_token_and_batches_take_one_target_eac
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_epsilon_and_a_registered_composite(model, tokenizer):
+    ids = ids_of(tokenizer, PROMPT)
+    paris = tokenizer.convert_tokens_to_ids("paris")
+    coarse = AttnLRP(model, epsilon=1e-2).attribute(ids, target=paris)
+    ours = explain(model, tokenizer, PROMPT, target="paris", epsilon=1e-2)
+    torch.testing.assert_close(coarse[0].float(), ours.relevance, rtol=1e-6, atol=1e-6)
+    composite = lxt.attnlrp().register(model)
+    try:
+        given = AttnLRP(model, composite=composite).attribute(ids, target=paris)
+        assert composite.model is model  # a Composite registered by the caller stays registered
+    finally:
+        composite.remove()
+    torch.testing.assert_close(given, AttnLRP(model).attribute(ids, target=paris), rtol=0, atol=0)
+    assert not torch.allclose(given, coarse)
+
+
 def test_embedding_inputs_get_relevance_per_feature(model, tokenizer):
     ids = ids_of(tokenizer, PROMPT)
     paris = tokenizer.convert_tokens_to_ids("paris")
