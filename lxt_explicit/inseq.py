@@ -46,7 +46,7 @@ try:  # absolute imports: ``inseq`` is the top-level package, not this module
     from inseq.attr.feat import FeatureAttribution
     from inseq.data import CoarseFeatureAttributionStepOutput
 
-    from .captum import AttnLRP, CPLRP
+    from .captum import CPLRP, AttnLRP
 except ImportError as error:  # pragma: no cover - depends on the environment
     error.add_note(
         'lxt_explicit.inseq needs Inseq and Captum: pip install --no-deps inseq==0.7.1 rich jaxtyping '

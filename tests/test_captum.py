@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("captum", reason='the Captum integration needs Captum: pip install "lxt_explicit[captum]"')
 
+import tiny_language_model as tlm  # noqa: E402
 from captum.attr import LLMGradientAttribution, TextTemplateInput, TextTokenInput  # noqa: E402
 from captum.metrics import infidelity, sensitivity_max  # noqa: E402
 
 import lxt_explicit as lxt  # noqa: E402
-import tiny_language_model as tlm  # noqa: E402
 from lxt_explicit.captum import CPLRP, AttnLRP, LayerAttnLRP, LLMRelevanceAttribution  # noqa: E402
 from lxt_explicit.explain import explain  # noqa: E402
 

@@ -6,13 +6,13 @@ and token; Inseq's own tools (aggregators, ``show``, ``save``/``load``) run on t
 
 import pytest
 import torch
-
 from conftest import INSEQ_INSTALL
 
 inseq = pytest.importorskip("inseq", reason=f"the Inseq integration needs Inseq: {INSEQ_INSTALL}")
 
-import lxt_explicit.inseq  # noqa: E402,F401  registers "attnlrp" and "cp_lrp"
 import tiny_language_model as tlm  # noqa: E402
+
+import lxt_explicit.inseq  # noqa: E402,F401  registers "attnlrp" and "cp_lrp"
 from lxt_explicit.explain import explain  # noqa: E402
 
 PROMPT = "the capital of france is"
