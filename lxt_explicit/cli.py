@@ -50,10 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(model_dir: Path | None, dtype: str, device: str):
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from .models.smollm2 import load_pretrained, load_smollm2
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # this process only prints the explanation
     torch_dtype = getattr(torch, dtype)
@@ -107,7 +106,7 @@ def _run_explain(args) -> int:
     print(f"explained: {result.target}, value {result.target_value:.3f}, "
           f"relevance at the inputs / explained value: {result.conservation:.3f}\n")
     print(terminal_heatmap(prompt_tokens, prompt_relevance))
-    print(f"\nmost relevant tokens of the prompt text:")
+    print("\nmost relevant tokens of the prompt text:")
     for position, token, value in result.top_tokens(args.top, span=span):
         print(f"  {position:>5}  {clean_tokens([token])[0]!r:<24} {value:+.4f}")
 

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OP_GROUPS", "RELEVANCE_NEUTRAL", "op_name", "argument"]
+__all__ = ["OP_GROUPS", "RELEVANCE_NEUTRAL", "IN_PLACE", "OVERWRITING", "op_name", "argument"]
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,7 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "sub": (torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__, Tensor.__rsub__),
     "mul": (torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__),
     "div": (torch.div, torch.divide, torch.true_divide, Tensor.div, Tensor.divide, Tensor.true_divide,
-            Tensor.__truediv__),
+            Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__rdiv__),
     "neg": (torch.neg, torch.negative, Tensor.neg, Tensor.negative, Tensor.__neg__),
     "softmax": (F.softmax, torch.softmax, Tensor.softmax),
     "attention": (F.scaled_dot_product_attention,),
@@ -52,6 +52,31 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "avg_pool": (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                  F.adaptive_avg_pool3d),
     "batch_norm": (F.batch_norm,),
+    "pow": (torch.pow, Tensor.pow, Tensor.__pow__, torch.square, Tensor.square),
+    "root": (torch.rsqrt, Tensor.rsqrt, torch.sqrt, Tensor.sqrt),
+    "variance": (torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean),
+    "norm": (torch.norm, Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm),
+    "grouped_mm": _existing(getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)),
+    "index_add": (torch.index_add, Tensor.index_add),
+    "scatter_add": (torch.scatter_add, Tensor.scatter_add),
+})
+
+#: In-place operations with the out-of-place function whose rule they get (read-only).  A
+#: Composite computes the result out of place with that rule and copies it into the target, so
+#: that the target's relevance flows through the rule.
+IN_PLACE: Mapping[Callable, Callable] = MappingProxyType({
+    Tensor.add_: torch.add, Tensor.__iadd__: torch.add, Tensor.sub_: torch.sub, Tensor.__isub__: torch.sub,
+    Tensor.mul_: torch.mul, Tensor.__imul__: torch.mul, Tensor.div_: torch.div, Tensor.__itruediv__: torch.div,
+    Tensor.index_add_: torch.index_add, Tensor.scatter_add_: torch.scatter_add, Tensor.neg_: torch.neg,
+    Tensor.relu_: torch.relu, Tensor.sigmoid_: torch.sigmoid, Tensor.pow_: torch.pow, Tensor.__ipow__: torch.pow, Tensor.tanh_: torch.tanh, Tensor.clamp_: torch.clamp,
+    Tensor.clip_: torch.clamp, torch.relu_: torch.relu, F.relu_: torch.relu,
+})
+
+#: In-place operations that overwrite elements: relevance-neutral like their out-of-place forms,
+#: but the tensors that rules saved before are copied first (copy on write).
+OVERWRITING: frozenset = frozenset({
+    Tensor.masked_fill_, Tensor.copy_, Tensor.fill_, Tensor.zero_, Tensor.index_copy_, Tensor.index_fill_,
+    Tensor.scatter_, Tensor.masked_scatter_, Tensor.index_put_, Tensor.__setitem__,
 })
 
 #: Torch functions that only move, copy, select, cast or reshape elements.  Their
@@ -76,6 +101,15 @@ RELEVANCE_NEUTRAL: frozenset = frozenset(
         torch.tril, torch.triu, Tensor.unfold, Tensor.index_put, Tensor.index_put_, Tensor.scatter,
         torch.scatter, Tensor.masked_select, Tensor.requires_grad_, Tensor.__iter__, Tensor.T.__get__,
         Tensor.mT.__get__, Tensor.H.__get__, Tensor.mH.__get__, Tensor.real.__get__,
+        # selections: relevance goes to the selected elements (top-k routing weights, sorted values)
+        torch.topk, Tensor.topk, torch.sort, Tensor.sort, torch.view_as_real, torch.view_as_complex,
+        # maxima and minima (also a row maximum subtracted from logits before a softmax: the epsilon rule
+        # of the difference gives the maximum's share back to its element, so the softmax rule sees
+        # the logits as if they were not shifted)
+        torch.max, Tensor.max, torch.amax, Tensor.amax, torch.min, Tensor.min, torch.amin, Tensor.amin,
+        # overwriting in place (see OVERWRITING): the source's relevance goes where it is written
+        Tensor.copy_, Tensor.index_copy_, Tensor.index_fill_, Tensor.scatter_, Tensor.masked_scatter_, Tensor.fill_,
+        Tensor.zero_,
         # max pooling passes relevance to the maximum, as its gradient does (the usual LRP convention)
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
         F.adaptive_max_pool3d,

@@ -18,6 +18,7 @@ from .composite import Composite
 from .rules import (
     ActivationRule,
     AttentionRule,
+    DivisionRule,
     EpsilonRule,
     IdentityRule,
     LayerNormRule,
@@ -36,6 +37,9 @@ __all__ = [
     "cp_lrp",
     "op_rules",
     "transformer_layer_map",
+    "is_rms_norm",
+    "is_activation",
+    "is_router",
     "SUPPORTED_ARCHITECTURES",
     "EMBEDDING_PARAMETERS",
     "supported_architectures_table",
@@ -85,7 +89,12 @@ def is_activation(name: str, module: nn.Module) -> bool:
     return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
 
 
-def transformer_layer_map(*, relevance_sources: bool = True) -> dict:
+def is_router(name: str, module: nn.Module) -> bool:
+    """The router of a mixture-of-experts layer: classes named ``*Router`` (``Qwen3MoeTopKRouter``, ...)."""
+    return type(module).__name__.endswith(("Router", "TopKGating"))
+
+
+def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: bool = False) -> dict:
     """The module-level part of the presets.
 
     Parameters
@@ -94,8 +103,13 @@ def transformer_layer_map(*, relevance_sources: bool = True) -> dict:
         Make every ``nn.Embedding`` (token, position and token-type embeddings) a
         :class:`~lxt_explicit.rules.RelevanceSource`.  Without it, an embedding
         added inside the model is a constant and absorbs its share of relevance.
+    constant_routers : bool, optional
+        The routers of mixture-of-experts layers (:func:`is_router`) are constants: their
+        routing weights receive no relevance (CP-LRP).
     """
     layer_map: dict = {}
+    if constant_routers:
+        layer_map[is_router] = StopRelevanceRule
     if relevance_sources:
         layer_map[nn.Embedding] = RelevanceSource
     layer_map[is_rms_norm] = IdentityRule
@@ -132,8 +146,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "matmul": UniformEpsilonRule(epsilon=epsilon),
         "add": EpsilonRule(epsilon=epsilon),
         "sub": EpsilonRule(epsilon=epsilon),
-        "mul": UniformRule(gates=gates),
-        "div": IdentityRule(),
+        "mul": UniformRule(gates=gates, epsilon=epsilon),
+        "div": DivisionRule(),
         "neg": IdentityRule(),
         "softmax": StopRelevanceRule() if cp else SoftmaxRule(),
         "attention": AttentionRule(epsilon=epsilon, cp=cp),
@@ -148,6 +162,16 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "conv": UniformEpsilonRule(epsilon=epsilon),
         "avg_pool": UniformEpsilonRule(epsilon=epsilon),
         "batch_norm": UniformEpsilonRule(epsilon=epsilon),
+        # normalizations written out (x * rsqrt(mean(x ** 2) + eps), (x - mean) / sqrt(var + eps)): the
+        # power is an element-wise function, the root, variance or norm a normalizer (a constant,
+        # Proposition 3.4), so the written-out norms get the rules of RMS and layer normalization
+        "pow": IdentityRule(),
+        "root": StopRelevanceRule(),
+        "variance": StopRelevanceRule(),
+        "norm": StopRelevanceRule(),
+        "grouped_mm": UniformEpsilonRule(epsilon=epsilon),
+        "index_add": EpsilonRule(epsilon=epsilon),
+        "scatter_add": EpsilonRule(epsilon=epsilon),
     }
 
 
@@ -189,7 +213,7 @@ def attnlrp(
     Composite
         Register it with ``attnlrp().register(model)``.
     """
-    return _preset(op_rules(epsilon=epsilon), relevance_sources, strict, layer_map, ops)
+    return _preset(op_rules(epsilon=epsilon), False, relevance_sources, strict, layer_map, ops)
 
 
 def cp_lrp(
@@ -203,9 +227,11 @@ def cp_lrp(
 ) -> Composite:
     """A fresh Composite with the CP-LRP rules (Ali et al., ICML 2022): no relevance through gates.
 
-    As the reference implementation (LXT) defines it, attention weights and the gates of gated
-    MLPs (``act(gate_proj(x)) * up_proj(x)``: the activation's output) are constants: attention
-    sends all relevance to the values and a gated product all of it to the ``up`` branch.
+    As the reference implementation (LXT) defines it, attention weights, the gates of gated
+    MLPs (``act(gate_proj(x)) * up_proj(x)``: the activation's output) and the routing weights of
+    mixture-of-experts layers (the outputs of their routers, :func:`is_router`) are constants:
+    attention sends all relevance to the values, a gated product all of it to the ``up`` branch
+    and a routed expert all of it to its output.
 
     Parameters
     ----------
@@ -222,12 +248,13 @@ def cp_lrp(
     -------
     Composite
     """
-    return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), relevance_sources, strict, layer_map, ops)
+    return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), True, relevance_sources, strict, layer_map, ops)
 
 
-def _preset(rules, relevance_sources, strict, layer_map, ops) -> Composite:
+def _preset(rules, cp, relevance_sources, strict, layer_map, ops) -> Composite:
+    modules = transformer_layer_map(relevance_sources=relevance_sources, constant_routers=cp)
     return Composite(
-        _in_front(layer_map, transformer_layer_map(relevance_sources=relevance_sources)),
+        _in_front(layer_map, modules),
         ops={**rules, **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
         extensions=[TransformersCheckpointing()],

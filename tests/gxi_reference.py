@@ -10,7 +10,11 @@ changed, and relevance is ``input * gradient``:
 * products and matrix products of two relevance-carrying operands (uniform rule): half the gradient;
   CP-LRP: a factor that an activation produced (the gate of a gated MLP) is detached instead;
 * softmax (AttnLRP): the plain gradient, which *is* the deep-Taylor rule with bias;
-  CP-LRP: the attention weights are detached.
+  CP-LRP: the attention weights are detached;
+* normalizers (a divisor, a root, a variance, a norm) are detached;
+  powers get the identity rule (gradient ``f(x) / x``);
+* mixture of experts: top-k selection and index_add_ keep the plain gradient (selection, sum);
+  CP-LRP: the routers' outputs are detached.
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ def _half_gradient(out):
 
 def _with_gradient_ratio(x, y):
     """Forward value ``y``, gradient ``y / x`` with respect to ``x`` (identity rule in GxI form)."""
-    ratio = torch.where(x == 0, torch.zeros_like(y), y / x).detach()
+    defined = torch.isfinite(x) & (x != 0)  # masked (infinite) and zero inputs pass no gradient
+    ratio = torch.where(defined, y / x, torch.zeros_like(y)).detach()
+    x = torch.where(defined, x, torch.zeros_like(x))
     return y.detach() + (x * ratio - (x * ratio).detach())
+
+
+def _detached(output):
+    if isinstance(output, tuple):
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+    return output.detach()
 
 
 def _rg(t):
@@ -40,7 +52,12 @@ def _rg(t):
 class GxIMode(TorchFunctionMode):
     """Gradient modifications for the functional ops of transformers models."""
 
-    ACTIVATIONS = {F.silu, F.gelu, F.relu, torch.tanh, torch.Tensor.tanh, torch.sigmoid, F.tanh}
+    ACTIVATIONS = {F.silu, F.gelu, F.relu, torch.tanh, torch.Tensor.tanh, torch.sigmoid, F.tanh, F.sigmoid,
+                   torch.Tensor.sigmoid, torch.clamp, torch.Tensor.clamp}
+    DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.div_, torch.Tensor.__itruediv__}
+    NORMALIZERS = {torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt, torch.var, torch.Tensor.var,
+                   torch.norm, torch.linalg.vector_norm}
+    POWERS = {torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square}
 
     def __init__(self, cp: bool, gates: dict, constant_gates: bool = True):
         super().__init__()
@@ -62,6 +79,13 @@ class GxIMode(TorchFunctionMode):
             return _half_gradient(func(*args, **kwargs))
         if func in (F.softmax, torch.softmax, torch.Tensor.softmax) and self.cp:
             return func(*args, **kwargs).detach()
+        if func in self.DIVISIONS and len(args) == 2 and _rg(args[1]):
+            return func(args[0], args[1].detach(), **kwargs)
+        if func in self.NORMALIZERS:
+            out = func(*args, **kwargs)
+            return type(out)([o.detach() for o in out]) if isinstance(out, tuple) else out.detach()
+        if func in self.POWERS and _rg(args[0]) and (len(args) < 2 or not _rg(args[1])):
+            return _with_gradient_ratio(args[0], func(*args, **kwargs))
         if func in self.ACTIVATIONS and _rg(args[0]):
             out = _with_gradient_ratio(args[0], func(*args, **kwargs))
             self.gates[id(out)] = out
@@ -154,7 +178,9 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bo
     gates: dict[int, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
+        if cp and type(module).__name__.endswith("Router"):  # CP-LRP: routing weights are constants
+            handles.append(module.register_forward_hook(lambda mod, args, output: _detached(output)))
+        elif isinstance(module, nn.Embedding):
 
             def to_leaf(mod, args, output, name=name):
                 output = output.detach().requires_grad_()

@@ -234,15 +234,42 @@ class ScaleNorm(torch.nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+class CenterNorm(torch.nn.Module):
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5) * 1.5
+
+
+def test_normalizations_written_out_get_the_rules_of_named_ones():
+    x = torch.randn(3, 6, dtype=D)
+    R = torch.randn(3, 6, dtype=D)
+    for module, reference in ((ScaleNorm(), lambda t: R), (CenterNorm(), None)):
+        leaf = x.clone().requires_grad_()
+        with lxt.attnlrp(epsilon=1e-12, strict=True).context(module):
+            module(leaf).backward(R)
+        if reference is not None:  # the identity rule of an RMS norm
+            torch.testing.assert_close(leaf.grad, R, rtol=0, atol=0)
+        else:  # the layer-norm rule: epsilon rule on the centering, identity on the division (AttnLRP)
+            c = x - x.mean(-1, keepdim=True)
+            normed = R / (c + 1e-12 * torch.where(c >= 0, 1.0, -1.0))
+            expected = x * (normed - normed.mean(-1, keepdim=True))
+            torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+class ExpGate(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.exp(-x.abs())
+
+
 def test_presets_take_extra_layer_map_entries_and_ops():
     from lxt_explicit.diagnostics import audit
     from lxt_explicit.rules import UniformEpsilonRule
 
-    model = nn.Sequential(nn.Linear(4, 4), ScaleNorm(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(4, 4), ExpGate(), nn.Linear(4, 2)).double()
     x = torch.randn(3, 4, dtype=D)
-    with pytest.warns(CoverageWarning, match="ScaleNorm"):
+    with pytest.warns(CoverageWarning, match="ExpGate"):
         assert audit(model, lxt.attnlrp(), x).unhandled
-    report = audit(model, lxt.attnlrp(layer_map={ScaleNorm: IdentityRule}), x)
+    report = audit(model, lxt.attnlrp(layer_map={ExpGate: IdentityRule}), x)
     assert report.unhandled == [] and any(r.op == "IdentityRule" for r in report.rows)
     composite = lxt.attnlrp(layer_map={nn.Embedding: None}, ops={torch.einsum: UniformEpsilonRule()})
     assert composite.rule_for("e", nn.Embedding(2, 2)) is None  # the user's entry wins over the preset's

@@ -90,9 +90,63 @@ def test_division_and_negation_by_constants_pass_relevance():
         assert torch.equal(ra, R)
 
 
-def test_division_by_a_relevance_carrying_tensor_is_unhandled():
-    with pytest.raises(lxt.UnhandledOperationError, match="Tensor.div"):
-        routed(lambda x, y: x / y, torch.rand(3, dtype=D) + 1, torch.rand(3, dtype=D) + 1)
+def test_a_relevance_carrying_divisor_is_a_normalizer():
+    a, d = torch.rand(3, dtype=D) + 1, torch.rand(3, dtype=D) + 1
+    R = torch.randn(3, dtype=D)
+    out, (ra, rd) = routed(lambda x, y: x / y, a, d, relevance=R)
+    assert torch.equal(out, a / d)
+    assert torch.equal(ra, R) and rd is None  # Proposition 3.4: the divisor is a constant
+    out, (ra,) = routed(lambda x: 2.0 / x, a, relevance=R)
+    assert torch.equal(ra, R)  # a constant divided by x: an element-wise function of x (identity rule)
+
+
+def test_in_place_operations_get_the_rules_of_their_out_of_place_forms():
+    a, b = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+
+    def accumulate(x, y):
+        total = torch.zeros(3, 4, dtype=D)
+        total += x  # in place on a constant buffer
+        total.add_(y)
+        total.mul_(2.0)
+        total /= 4.0
+        return total
+
+    out, (ra, rb) = routed(accumulate, a, b, relevance=torch.ones(3, 4, dtype=D))
+    assert torch.equal(out, (a + b) / 2)
+    z = (a + b).detach()
+    torch.testing.assert_close(ra, a / stab(z, EPS), rtol=1e-10, atol=1e-12)  # epsilon rule of the sum
+    torch.testing.assert_close(rb, b / stab(z, EPS), rtol=1e-10, atol=1e-12)
+
+
+def test_in_place_change_of_a_tensor_a_rule_saved_is_copied_first():
+    x, w = torch.randn(4, 3, dtype=D), torch.randn(3, dtype=D)
+
+    def router(t):
+        weights = torch.softmax(t, -1)
+        total = weights.sum(-1, keepdim=True)  # the sum's epsilon rule saves the weights ...
+        weights /= total  # ... which are then divided in place
+        return weights * w
+
+    out, (rx,) = routed(router, x, relevance=torch.ones(4, 3, dtype=D))
+    s = torch.softmax(x, -1)
+    torch.testing.assert_close(out, s / s.sum(-1, keepdim=True) * w)
+    R_s = torch.ones(4, 3, dtype=D)  # times a constant and divided by a normalizer: passed unchanged
+    torch.testing.assert_close(rx, x * (R_s - s * R_s.sum(-1, keepdim=True)), rtol=1e-10, atol=1e-12)
+
+
+def test_index_add_is_the_epsilon_rule_of_a_sum():
+    src = torch.randn(5, 3, dtype=D)
+    index = torch.tensor([0, 2, 0, 1, 2])
+    R = torch.randn(3, 3, dtype=D)
+
+    def combine(s):
+        out = torch.zeros(3, 3, dtype=D)
+        out.index_add_(0, index, s)
+        return out
+
+    out, (rs,) = routed(combine, src, relevance=R)
+    normed = R / stab(out, EPS)
+    torch.testing.assert_close(rs, src * normed[index], rtol=1e-10, atol=1e-12)
 
 
 def test_addmm_is_the_linear_epsilon_rule():

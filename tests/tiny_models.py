@@ -99,3 +99,46 @@ def target(arch: str, output) -> torch.Tensor:
         return logits[0].max()
     position = -1 if arch in CAUSAL else 2
     return logits[0, position].max()
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+#: Tiny mixture-of-experts configurations: 4 experts, top-2, sizes that the fused kernels accept.
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss", "deepseek_v3",
+                "llama4_text")
+_MOE_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16,
+)
+_MOE_EXTRA = {
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1,
+                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "llama4_text": dict(interleave_moe_layer_step=1, head_dim=8, intermediate_size_mlp=32),
+    "gpt_oss": dict(head_dim=8),
+    "qwen2_moe": dict(shared_expert_intermediate_size=16),
+}
+
+
+def moe_config(family: str):
+    kwargs = {**_MOE_COMMON, **_MOE_EXTRA.get(family, {})}
+    return tf.AutoConfig.for_model(family, **kwargs)
+
+
+def build_moe(family: str, *, dtype=torch.float64, experts: str = "eager", attn: str = "eager", bias_free=False):
+    """A tiny mixture-of-experts causal LM in eval mode with the given experts implementation."""
+    cfg = moe_config(family)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():  # routers start at zero in some families: give them weights so routing is not a tie
+        for name, parameter in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and parameter.abs().sum() == 0:
+                parameter.normal_(0, 0.5)
+            if bias_free and name.endswith("bias"):
+                parameter.zero_()
+    if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
+        model.set_experts_implementation(experts)
+    elif experts != "eager":
+        raise ValueError(f"{family} has one experts implementation")
+    return model

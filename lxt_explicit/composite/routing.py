@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..ops import RELEVANCE_NEUTRAL, op_name
+from ..ops import IN_PLACE, OVERWRITING, RELEVANCE_NEUTRAL, op_name
 from ..rules import RuleDeclined
 from .events import Events
+from .saving import SavedTensors
 
 __all__ = ["ForwardState", "Router"]
 
@@ -29,6 +30,7 @@ class ForwardState(threading.local):
         self.stack: list[str] = []
         self.sources: dict[str, torch.Tensor] = {}
         self.parameter_leaves: dict[int, torch.Tensor] = {}
+        self.saved = SavedTensors()
 
 
 def _any_relevant(args, kwargs) -> bool:
@@ -59,6 +61,13 @@ def _is_neutral(func) -> bool:
         return func in RELEVANCE_NEUTRAL
     except TypeError:
         return False
+
+
+def _lookup(table, func):
+    try:
+        return table.get(func)
+    except TypeError:  # an unhashable callable
+        return None
 
 
 class _RoutingMode(TorchFunctionMode):
@@ -92,12 +101,14 @@ class Router:
             return func(*args, **kwargs)
         if self.parameter_sources:
             args, kwargs = self._substitute_parameter_sources(args, kwargs)
-        try:
-            entry = self.ops.get(func)
-        except TypeError:
-            entry = None
+        entry = _lookup(self.ops, func)
         if entry is not None:
             return self._apply_op_rule(entry, func, args, kwargs)
+        out_of_place = _lookup(IN_PLACE, func)
+        if out_of_place is not None:
+            return self._in_place(func, out_of_place, args, kwargs)
+        if func in OVERWRITING and args:
+            self.state.saved.copy_on_write(args[0])
         output = func(*args, **kwargs)
         if not _output_relevant(output):
             return output
@@ -111,6 +122,8 @@ class Router:
     def _apply_op_rule(self, entry, func, args, kwargs):
         if not _any_relevant(args, kwargs):
             return func(*args, **kwargs)
+        if kwargs.get("inplace"):  # F.relu(x, inplace=True) and the like change their input
+            self.state.saved.copy_on_write(args[0])
         group, rule = entry
         try:
             output = rule.apply(func, args, kwargs)
@@ -120,6 +133,22 @@ class Router:
             return output
         self.events.op_rule(self.module_name(), group, func, rule, output)
         return output
+
+    def _in_place(self, func, out_of_place, args, kwargs):
+        """``target.op_(...)``: the result of ``op`` with its rule, copied into the target (whose saved copies are kept)."""
+        target = args[0]
+        saved = self.state.saved
+        saved.copy_on_write(target)
+        if not _any_relevant(args, kwargs):
+            return func(*args, **kwargs)
+        entry = _lookup(self.ops, out_of_place)
+        if entry is None:
+            output = func(*args, **kwargs)
+            self.events.unhandled(self.module_name(), op_name(func), f"no rule for {op_name(out_of_place)}")
+            return output
+        result = self._apply_op_rule(entry, out_of_place, args, kwargs)
+        saved.copy_on_write(target)  # the rule may have saved the target itself
+        return target.copy_(result)
 
     def _substitute_parameter_sources(self, args, kwargs):
         """Replace parameters that are relevance sources by this forward pass's leaf copy of them."""
@@ -161,15 +190,18 @@ class Router:
             try:
                 if rule is None or state.paused:
                     return original(*args, **kwargs)
-                return self._apply_module_rule(name, rule, original, args, kwargs)
+                return self._apply_module_rule(name, module, rule, original, args, kwargs)
             finally:
                 state.stack.pop()
 
         forward.__lxt_composite__ = self.composite
         return forward
 
-    def _apply_module_rule(self, name, rule, original, args, kwargs):
+    def _apply_module_rule(self, name, module, rule, original, args, kwargs):
         state = self.state
+        if getattr(module, "inplace", False) is True:  # nn.ReLU(inplace=True) and the like change their input
+            for value in args:
+                state.saved.copy_on_write(value)
         state.paused += 1  # a module with a rule is run by the rule: the ops inside are not routed
         try:
             output = rule.apply(original, args, kwargs)
@@ -197,10 +229,11 @@ class Router:
         if is_root:
             state.sources = {}
             state.parameter_leaves = {}
+            state.saved = SavedTensors()
             self.events.forward_started(args, kwargs)
         state.active = True
         try:
-            with self.mode:
+            with self.mode, state.saved.hooks():
                 return forward(*args, **kwargs)
         finally:
             state.active = False

@@ -22,6 +22,7 @@ blocks), the equation is also written out plainly (:func:`linear_relevance`,
 
 from .attention import attention_relevance, blocked_attention_relevance, mask_is_pure, scaled_dot_product_attention
 from .elementwise import activation, add2, add_relevance, identity, is_gate, mul2, normalize, rms_norm_identity
+from .grouped import grouped_linear_epsilon, grouped_linear_relevance
 from .linear import linear_epsilon, linear_relevance, matmul
 from .normalization import layer_norm
 from .reduction import mean, sum_epsilon
@@ -41,6 +42,7 @@ __all__ = [
     "identity",
     "activation",
     "scaled_dot_product_attention",
+    "grouped_linear_epsilon",
     "is_gate",
     "masked_logits",
     "mask_is_pure",
@@ -48,4 +50,5 @@ __all__ = [
     "add_relevance",
     "attention_relevance",
     "blocked_attention_relevance",
+    "grouped_linear_relevance",
 ]

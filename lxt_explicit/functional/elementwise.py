@@ -144,7 +144,34 @@ class _Mul2(Function):
         )
 
 
-def mul2(a, b):
+class _ComplexScale(Function):
+    """Epsilon rule for a complex tensor times a complex constant (a rotation and scaling of each (re, im) pair)."""
+
+    @staticmethod
+    def forward(ctx, x, c, epsilon):
+        out = torch.mul(x, c)
+        ctx.save_for_backward(x, c, out)
+        ctx.epsilon = epsilon
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, relevance):
+        x, c, out = ctx.saved_tensors
+        c = c.expand_as(out)
+        normed_re = stabilized_quotient(relevance.real, out.real.clone(), ctx.epsilon)
+        normed_im = stabilized_quotient(relevance.imag, out.imag.clone(), ctx.epsilon)
+        a, b, p, q = x.real, x.imag, c.real, c.imag
+        relevance_a = a * (p * normed_re + q * normed_im)  # re(z) = a p - b q, im(z) = a q + b p
+        relevance_b = b * (p * normed_im - q * normed_re)
+        return sum_to_shape(torch.complex(relevance_a, relevance_b), x.shape).to(x.dtype), None, None
+
+
+def _is_complex_constant(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_complex() and not value.requires_grad
+
+
+def mul2(a, b, *, epsilon: float = DEFAULT_EPSILON):
     r"""Element-wise ``a * b`` (with broadcasting) and the uniform rule in the backward pass.
 
     .. math:: R_a = R_b = \tfrac{1}{2} R
@@ -153,16 +180,26 @@ def mul2(a, b):
     require a gradient, receives nothing and the other operand receives all of
     the relevance: multiplication by a constant passes relevance unchanged.
 
+    A complex tensor times a complex constant (rotary embeddings in complex form) mixes the real
+    and imaginary parts of each element: a linear map of the pair ``(re, im)``, which gets the
+    epsilon rule (Eq. 8) with stabilizer ``epsilon``, as the real form of the same rotation does.
+
     Parameters
     ----------
     a, b : torch.Tensor or number
         Factors.
+    epsilon : float, optional
+        Stabilizer of the epsilon rule for complex constants.
 
     Returns
     -------
     torch.Tensor
         ``torch.mul(a, b)``.
     """
+    if isinstance(a, torch.Tensor) and a.is_complex() and a.requires_grad and _is_complex_constant(b):
+        return _ComplexScale.apply(a, b, check_epsilon(epsilon))
+    if isinstance(b, torch.Tensor) and b.is_complex() and b.requires_grad and _is_complex_constant(a):
+        return _ComplexScale.apply(b, a, check_epsilon(epsilon))
     return _Mul2.apply(a, b)
 
 

@@ -17,7 +17,7 @@ Example
 
 from .attention import AttentionRule, MultiheadAttentionRule
 from .base import Rule, RuleDeclined
-from .elementwise import ActivationRule, IdentityRule, UniformRule
+from .elementwise import ActivationRule, DivisionRule, IdentityRule, UniformRule
 from .epsilon import EpsilonRule, UniformEpsilonRule
 from .operations import LayerNormRule, SoftmaxRule
 from .special import PlainGradientRule, RelevanceSource, StopRelevanceRule
@@ -30,6 +30,7 @@ __all__ = [
     "UniformEpsilonRule",
     "IdentityRule",
     "ActivationRule",
+    "DivisionRule",
     "UniformRule",
     "StopRelevanceRule",
     "PlainGradientRule",

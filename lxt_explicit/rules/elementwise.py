@@ -7,10 +7,11 @@ import torch
 from .. import functional as lf
 from ..functional.shapes import sum_to_shape
 from ..ops import OP_GROUPS
+from ..stabilizer import DEFAULT_EPSILON, check_epsilon
 from .base import RuleDeclined, carries_relevance, describe
 from .graph import NodeRule
 
-__all__ = ["IdentityRule", "ActivationRule", "UniformRule"]
+__all__ = ["IdentityRule", "ActivationRule", "DivisionRule", "UniformRule"]
 
 _PRODUCTS = frozenset(OP_GROUPS["mul"])
 
@@ -56,6 +57,25 @@ class ActivationRule(IdentityRule):
     function = staticmethod(lf.activation)
 
 
+class DivisionRule(IdentityRule):
+    r"""Division ``a / d``: the identity rule on the dividend; the divisor is a normalizer (AttnLRP Proposition 3.4).
+
+    Division by a constant passes relevance unchanged (identity rule).  A divisor that carries
+    relevance itself, such as the sum of a mixture-of-experts router's selected weights
+    (``w / w.sum(-1, keepdim=True)``) or a norm written out by hand, is treated as a constant,
+    as the normalization rules treat the norm: the dividend receives all relevance.  A constant
+    divided by a relevance-carrying tensor (``c / x``) is an element-wise function of ``x``.
+    """
+
+    _REFLECTED = frozenset({torch.Tensor.__rtruediv__, torch.Tensor.__rdiv__})
+
+    def explain_call(self, fn, args, kwargs):
+        if len(args) == 2 and carries_relevance(args[0]) and carries_relevance(args[1]):
+            # the divisor: the second operand of a / d, the first of the reflected d.__rtruediv__(a)
+            args = (args[0].detach(), args[1]) if fn in self._REFLECTED else (args[0], args[1].detach())
+        return super().explain_call(fn, args, kwargs)
+
+
 def _without_gates(args: tuple) -> tuple:
     """Detach the gates among the relevance-carrying arguments, if another relevance-carrying argument remains."""
     gates = [carries_relevance(a) and lf.is_gate(a) for a in args]
@@ -81,21 +101,24 @@ class UniformRule(NodeRule):
         reference implementation defines it): a factor that is the output of an element-wise
         non-linearity (:class:`ActivationRule`) is a gate and treated as a constant when another
         factor carries relevance, so the whole relevance goes to the other factor.
+    epsilon : float, optional
+        Stabilizer of products with a complex constant (see :func:`~lxt_explicit.functional.mul2`).
     """
 
-    def __init__(self, *, gates: str = "relevant"):
+    def __init__(self, *, gates: str = "relevant", epsilon: float = DEFAULT_EPSILON):
         if gates not in ("relevant", "constant"):
             raise ValueError(f"gates must be 'relevant' or 'constant', got {gates!r}")
         self.gates = gates
+        self.epsilon = check_epsilon(epsilon)
 
     def options(self):
-        return {"gates": self.gates}
+        return {"gates": self.gates, "epsilon": self.epsilon}
 
     def explain_call(self, fn, args, kwargs):
         if self.gates == "constant":
             args = _without_gates(args)
         if fn in _PRODUCTS and len(args) == 2 and not kwargs:
-            return lf.mul2(*args)
+            return lf.mul2(*args, epsilon=self.epsilon)
         return self.node(fn, args, kwargs)
 
     def record(self, ctx, fn, inputs, kwargs, outputs):

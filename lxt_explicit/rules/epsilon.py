@@ -16,7 +16,7 @@ from .. import functional as lf
 from ..ops import OP_GROUPS, argument
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon
 from .base import RuleDeclined, carries_relevance, describe
-from .graph import NodeRule, input_times_vjp, normalized_relevance
+from .graph import NodeRule, input_times_vjp, input_values, normalized_relevance, output_values
 
 __all__ = ["EpsilonRule", "UniformEpsilonRule"]
 
@@ -76,6 +76,16 @@ def _reduction(rule, fn, args, kwargs):
     return reduce(x, dim, keepdim, epsilon=rule.epsilon)
 
 
+def _grouped_mm(rule, fn, args, kwargs):
+    x, weight = argument(args, kwargs, 0, "mat_a" if fn is not torch._grouped_mm else "self"), argument(
+        args, kwargs, 1, "mat_b" if fn is not torch._grouped_mm else "mat2"
+    )
+    offs = kwargs.get("offs")
+    if carries_relevance(weight) or offs is None or kwargs.get("bias") is not None or kwargs.get("out_dtype"):
+        return rule.node(fn, args, kwargs)
+    return lf.grouped_linear_epsilon(x, weight, offs, epsilon=rule.epsilon)
+
+
 def _matmul(rule, fn, args, kwargs):
     a, b = _binary(fn, args, kwargs)
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
@@ -131,8 +141,8 @@ class EpsilonRule(NodeRule):
         return 1.0
 
     def relevance(self, ctx, out_relevance):
-        outputs, normalized = normalized_relevance(ctx, out_relevance, ctx.outputs, self.epsilon)
-        return input_times_vjp(ctx, outputs, normalized, ctx.inputs, self.share(ctx))
+        outputs, normalized = normalized_relevance(ctx, out_relevance, output_values(ctx), self.epsilon)
+        return input_times_vjp(ctx, outputs, normalized, input_values(ctx), self.share(ctx))
 
 
 class UniformEpsilonRule(EpsilonRule):
@@ -149,7 +159,7 @@ class UniformEpsilonRule(EpsilonRule):
         Stabilizer of the denominator.
     """
 
-    calls = MappingProxyType({**_LINEAR_CALLS, **_call_table(("matmul", _matmul))})
+    calls = MappingProxyType({**_LINEAR_CALLS, **_call_table(("matmul", _matmul), ("grouped_mm", _grouped_mm))})
 
     def share(self, ctx) -> float:
         return 1.0 / sum(ctx.needs)

@@ -17,7 +17,17 @@ from torch.autograd.function import once_differentiable
 from ..stabilizer import stabilized_quotient
 from .base import Rule, RuleDeclined, describe
 
-__all__ = ["NodeRule", "output_tensors", "input_times_vjp", "normalized_relevance"]
+__all__ = ["NodeRule", "same_kind", "output_tensors", "input_values", "output_values", "input_times_vjp", "normalized_relevance"]
+
+
+def same_kind(output: tuple, items) -> tuple:
+    """``items`` as a tuple of the type of ``output`` (tuple, named tuple or torch's ``return_types``)."""
+    if type(output) is tuple:
+        return tuple(items)
+    try:
+        return type(output)(tuple(items))  # torch.return_types (structseq) take one sequence
+    except TypeError:
+        return type(output)(*items)  # named tuples take the fields
 
 
 def output_tensors(output: Any, fn: Callable) -> tuple[tuple, bool]:
@@ -36,8 +46,8 @@ class _RuleFunction(Function):
     """Autograd node of a rule: plain forward, the rule's relevance in the backward pass."""
 
     @staticmethod
-    def forward(ctx, rule, fn, kwargs, *args):
-        needs = ctx.needs_input_grad[3:]
+    def forward(ctx, rule, fn, kwargs, kind, *args):
+        needs = ctx.needs_input_grad[4:]
         if rule.needs_graph:
             inputs = tuple(
                 a.detach().requires_grad_() if isinstance(a, torch.Tensor) and need else a
@@ -49,18 +59,22 @@ class _RuleFunction(Function):
             inputs = args
             output = fn(*args, **kwargs)
         outputs, is_tuple = output_tensors(output, fn)
+        kind.append(output)  # the caller rebuilds a named tuple of this type
         ctx.rule, ctx.needs = rule, needs
         ctx.input_meta = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else None for a in args)
         ctx.output_meta = tuple((o.shape, o.dtype) if isinstance(o, torch.Tensor) else None for o in outputs)
         rule.record(ctx, fn, inputs, kwargs, outputs)
         detached = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+        if rule.needs_graph:  # the values of inputs and outputs, protected from later in-place changes
+            relevant = [a.detach() for a, need in zip(inputs, needs) if isinstance(a, torch.Tensor) and need]
+            ctx.save_for_backward(*relevant, *(o for o in detached if isinstance(o, torch.Tensor)))
         return detached if is_tuple else detached[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *out_relevance):
         relevance = ctx.rule.relevance(ctx, out_relevance)
-        return (None, None, None) + tuple(relevance)
+        return (None, None, None, None) + tuple(relevance)
 
 
 class NodeRule(Rule):
@@ -81,7 +95,9 @@ class NodeRule(Rule):
         if any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()):
             raise RuleDeclined(f"{self!r} gives relevance to positional arguments only; a keyword argument of "
                                f"{describe(fn)} carries relevance")
-        return _RuleFunction.apply(self, fn, kwargs, *args)
+        kind: list = []
+        result = _RuleFunction.apply(self, fn, kwargs, kind, *args)
+        return same_kind(kind[0], result) if isinstance(result, tuple) else result
 
     def record(self, ctx, fn, inputs, kwargs, outputs) -> None:
         """Keep what the backward pass needs on ``ctx`` (the graph at the inputs, if ``needs_graph``)."""
@@ -91,6 +107,18 @@ class NodeRule(Rule):
     def relevance(self, ctx, out_relevance) -> list:  # pragma: no cover - abstract
         """Relevance of every positional input (``None`` for those without) from that of the outputs."""
         raise NotImplementedError
+
+
+def input_values(ctx) -> list:
+    """The values of the relevance-carrying inputs as saved in the forward pass (``None`` for the others)."""
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if need else None for need in ctx.needs]
+
+
+def output_values(ctx) -> list:
+    """The values of the node's outputs as saved in the forward pass (``None`` for non-tensor outputs)."""
+    saved = iter(ctx.saved_tensors[sum(ctx.needs):])
+    return [next(saved) if isinstance(o, torch.Tensor) else None for o in ctx.outputs]
 
 
 def normalized_relevance(ctx, out_relevance, denominators, epsilon):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Rule
-from .graph import output_tensors
+from .graph import output_tensors, same_kind
 
 __all__ = ["StopRelevanceRule", "PlainGradientRule", "RelevanceSource"]
 
@@ -23,7 +23,7 @@ class StopRelevanceRule(Rule):
         if isinstance(output, torch.Tensor):
             return output.detach()
         outputs, _ = output_tensors(output, fn)
-        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return same_kind(output, (o.detach() if isinstance(o, torch.Tensor) else o for o in outputs))
 
 
 class PlainGradientRule(Rule):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon
-from .graph import NodeRule, input_times_vjp, normalized_relevance, output_tensors
+from .graph import NodeRule, input_times_vjp, normalized_relevance, output_tensors, output_values
 
 __all__ = ["TaylorDecompositionRule"]
 
@@ -72,10 +72,7 @@ class TaylorDecompositionRule(NodeRule):
             ctx.factors = tuple(
                 (a.detach() - p.detach()) if need else None for a, p, need in zip(inputs, points, ctx.needs)
             )
-        if self.bias:
-            ctx.denominators = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
-        else:
-            ctx.denominators = self._first_order_terms(ctx, fn, kwargs)
+        ctx.denominators = None if self.bias else self._first_order_terms(ctx, fn, kwargs)
 
     def _first_order_terms(self, ctx, fn, kwargs):
         """``J(x~) (x - x~)`` (or ``J(x) x``) per output, by forward-mode differentiation."""
@@ -93,5 +90,6 @@ class TaylorDecompositionRule(NodeRule):
         return terms if isinstance(terms, tuple) else (terms,)
 
     def relevance(self, ctx, out_relevance):
-        outputs, normalized = normalized_relevance(ctx, out_relevance, ctx.denominators, self.epsilon)
+        denominators = output_values(ctx) if ctx.denominators is None else ctx.denominators
+        outputs, normalized = normalized_relevance(ctx, out_relevance, denominators, self.epsilon)
         return input_times_vjp(ctx, outputs, normalized, ctx.factors)
