@@ -78,3 +78,13 @@ def test_long_context_of_two_thousand_tokens(smollm2):
     assert 2000 <= result.prompt_length <= 2600
     assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
     print(f"{result.prompt_length} tokens explained in {seconds:.1f} s: {result.target}")
+
+
+def test_non_ascii_text_is_shown_as_the_tokenizer_decodes_it(smollm2):
+    model, tokenizer = smollm2
+    result = explain(model, tokenizer, "Le café 😀 est", continuation=" très bon 🎉")
+    assert result.tokens[:5] == ["Le", "ĠcafÃ©", "ĠðŁĺ", "Ģ", "Ġest"]  # SmolLM2's byte-level BPE pieces, kept
+    assert result.token_texts[:5] == ["Le", " café", " ", "😀", " est"]  # the emoji once, not as '�' twice
+    assert "".join(result.token_texts) == "Le café 😀 est très bon 🎉"
+    assert result.continuation_text == " très bon 🎉" and "très bon 🎉" in result.target
+    assert [text for _, text, _ in result.top_tokens(5)].count("😀") == 1
