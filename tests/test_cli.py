@@ -195,10 +195,10 @@ def test_a_model_that_cannot_answer_is_one_line_too(tiny_folder, tmp_path, capsy
 
 
 def test_the_output_folder_is_checked_before_the_model_is_loaded(tiny_folder, tmp_path, capsys, monkeypatch):
-    import lxt_explicit.cli
+    import lxt_explicit.models.smollm2
 
     (tmp_path / "taken").write_text("x")
-    monkeypatch.setattr(lxt_explicit.cli, "_load", no_explanation)
+    monkeypatch.setattr(lxt_explicit.models.smollm2, "load_pretrained", no_explanation)
     assert main(["explain", "--model", str(tiny_folder), "--prompt", "x", "--output", str(tmp_path / "taken")]) == 2
     assert "taken is a file" in capsys.readouterr().err
 
