@@ -190,6 +190,8 @@ def png_heatmap(
     """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path.
 
     ``tokens`` are cleaned with :func:`clean_tokens` unless ``clean=False`` (display texts).
+    Characters that the monospace font lacks (emoji; CJK without a CJK font installed) are drawn as
+    boxes, and matplotlib warns about them; the HTML heatmap shows every character.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
