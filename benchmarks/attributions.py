@@ -7,6 +7,8 @@ at the last position), and returns one score per input token, float32, on the CP
 ``attnlrp``            :func:`lxt_explicit.attnlrp` relevance of the token embeddings, summed
                        over the hidden dimension (one forward + one relevance backward pass).
 ``cp_lrp``             the same with :func:`lxt_explicit.cp_lrp`.
+``attnlrp_all_logits`` ``attnlrp`` with the logits of every position computed (the speed benchmark
+                       only: what ``explain()`` cost before it kept only the explained logits).
 ``gradient``           L2 norm over the hidden dimension of the gradient of the logit with
                        respect to the token embeddings (saliency).
 ``input_x_gradient``   Captum ``InputXGradient`` on the token embeddings, summed over hidden.
@@ -28,7 +30,8 @@ at the last position), and returns one score per input token, float32, on the CP
 
 Model parameters are expected to be frozen (``model.requires_grad_(False)``), as every method here
 needs gradients with respect to the input only.  Only the last position's logits are computed
-(``logits_to_keep=1``) so that no method pays for the vocabulary projection of every position.
+(``logits_to_keep=1``) so that no method pays for the vocabulary projection of every position
+(except ``attnlrp_all_logits``, which shows that cost).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ LABELS = {
     "gradient": "gradient",
     "attnlrp": "AttnLRP",
     "cp_lrp": "CP-LRP",
+    "attnlrp_all_logits": "AttnLRP, logits of all positions",
+    "explain": "explain()",
     "input_x_gradient": "Input x Gradient",
     "integrated_gradients": "Integrated Gradients",
     "smoothgrad": "SmoothGrad",
@@ -78,6 +83,8 @@ COLORS = {
     "gradient": "#1f77b4",
     "attnlrp": "#d62728",
     "cp_lrp": "#ff7f0e",
+    "attnlrp_all_logits": "#8b0000",
+    "explain": "#bcbd22",
     "input_x_gradient": "#2ca02c",
     "integrated_gradients": "#9467bd",
     "smoothgrad": "#8c564b",
@@ -228,11 +235,21 @@ def _cache_argument(model: nn.Module, cache) -> dict:
 # ------------------------------------------------------------------------------------ methods
 
 
-def lrp(model: nn.Module, input_ids: torch.Tensor, token: int, preset: Callable[[], lxt.Composite]) -> torch.Tensor:
-    """Relevance of each token under the composite ``preset()`` (registered for this call only)."""
+def lrp(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    token: int,
+    preset: Callable[[], lxt.Composite],
+    all_logits: bool = False,
+) -> torch.Tensor:
+    """Relevance of each token under the composite ``preset()`` (registered for this call only).
+
+    ``all_logits`` computes the logits of every position (as ``explain()`` did before it kept only
+    the explained ones): the relevance is the same, the cost is not.
+    """
     composite = preset()
     with torch.enable_grad(), composite.context(model):
-        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=0 if all_logits else 1).logits
         target = logits[0, -1, token]
         target.backward(target.detach())
         relevance = composite.source_relevance()[embedding_name(model)]
@@ -373,6 +390,8 @@ def _attribute(method, model, input_ids, token, settings, positions, baseline, s
         return lrp(model, input_ids, token, lxt.attnlrp)
     if method == "cp_lrp":
         return lrp(model, input_ids, token, lxt.cp_lrp)
+    if method == "attnlrp_all_logits":
+        return lrp(model, input_ids, token, lxt.attnlrp, all_logits=True)
     if method == "gradient":
         return gradient(model, input_ids, token)
     if method == "input_x_gradient":

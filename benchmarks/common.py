@@ -69,13 +69,56 @@ def synthetic_llama(
     return model.to(device=device, dtype=dtype).eval()
 
 
+#: Name of the synthetic model with Gemma-3-270m's shape and vocabulary (see :func:`synthetic_gemma3`).
+LARGE_VOCABULARY = "gemma3-270m-shape"
+
+
+def synthetic_gemma3(*, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, device="cpu"):
+    """A ``Gemma3ForCausalLM`` of Gemma-3-270m's shape with random weights: a 262,144-token vocabulary
+    (tied embeddings and head, 168 M of the 268 M parameters) on a small body (18 layers of width 640,
+    4 query / 1 key-value heads of dimension 256, sliding-window and full attention 5:1)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose text ``'t0 t1 ...'`` is token ids ``0, 1, ...``: a real tokenizer for
+    :func:`lxt_explicit.explain.explain` on synthetic models fed random ids (see :func:`ids_as_text`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t0")
+
+
+def ids_as_text(input_ids: torch.Tensor) -> str:
+    """The text that :func:`word_tokenizer` turns into ``input_ids`` (``[1, tokens]``)."""
+    return " ".join(f"t{i}" for i in input_ids[0].tolist())
+
+
 def load_model(name: str, *, attn: str = "sdpa", dtype=torch.float32, device="cpu"):
-    """``'smollm2'`` (the real default model) or a synthetic Llama size; returns ``(model, description)``."""
+    """``'smollm2'`` (the real default model), :data:`LARGE_VOCABULARY` or a synthetic Llama size;
+    returns ``(model, description)``."""
     if name == "smollm2":
         from lxt_explicit.models.smollm2 import load_smollm2
 
         model, _ = load_smollm2(dtype=dtype, attn_implementation=attn, device=device)
         return model.eval(), "SmolLM2-135M-Instruct (real weights, 4-bit dequantized)"
+    if name == LARGE_VOCABULARY:
+        model = synthetic_gemma3(attn=attn, dtype=dtype, device=device)
+        parameters = sum(p.numel() for p in model.parameters())
+        return model, (
+            f"synthetic Gemma3 of Gemma-3-270m's shape ({parameters / 1e6:.0f} M parameters: 18 layers, hidden 640, "
+            f"vocab {model.config.vocab_size:,}, random weights)"
+        )
     model = synthetic_llama(name, attn=attn, dtype=dtype, device=device)
     parameters = sum(p.numel() for p in model.parameters())
     cfg = model.config

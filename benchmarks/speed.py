@@ -53,16 +53,24 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import attributions  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
-
-import attributions  # noqa: E402
 from attributions import COLORS, LABELS, Settings  # noqa: E402
 
 SINGLE_PASS = ("forward", "gradient", "attnlrp", "cp_lrp", "input_x_gradient", "attention_rollout")
 MULTI_PASS = ("integrated_gradients", "smoothgrad", "occlusion")
+#: Methods timed on request only: the library's ``explain()`` end to end (it reads text: the random ids are
+#: written as words of :func:`common.word_tokenizer`) and AttnLRP with the logits of every position.
+EXTRA = ("explain", "attnlrp_all_logits")
 DEFAULT_METHODS = SINGLE_PASS + ("integrated_gradients", "occlusion")
 DEFAULT_MODELS = ("smollm2:128,512,1024,2048", "medium:128,512")
+#: The large-vocabulary comparison (``--name speed_large_vocabulary``): what ``explain()`` costs on a
+#: 262,144-token vocabulary, next to a plain gradient and AttnLRP with the logits of every position.
+LARGE_VOCABULARY_COMMAND = (
+    f"--models {common.LARGE_VOCABULARY}:128,512 --methods forward gradient attnlrp attnlrp_all_logits explain "
+    "--name speed_large_vocabulary"
+)
 
 
 # ------------------------------------------------------------------------------------ workloads
@@ -107,7 +115,20 @@ def runner(method: str, model, input_ids: torch.Tensor, token: int, settings: Se
                 return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
 
         return forward
+    if method == "explain":
+        return explain_runner(model, input_ids, token)
     return lambda: attributions.attribute(method, model, input_ids, token, settings)
+
+
+def explain_runner(model, input_ids: torch.Tensor, token: int) -> Callable[[], object]:
+    """``lxt_explicit.explain.explain`` of ``token`` after the text of ``input_ids`` (a word per id)."""
+    from lxt_explicit.explain import explain
+
+    tokenizer = common.word_tokenizer(model.config.vocab_size)
+    text = common.ids_as_text(input_ids.cpu())
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != input_ids[0].tolist():
+        raise RuntimeError("the word tokenizer does not give back the benchmark's token ids")
+    return lambda: explain(model, tokenizer, text, target=token)
 
 
 def one_pass_runner(
@@ -154,6 +175,10 @@ def time_length(model, length: int, methods, settings, repeats: int, warmup: int
             row["time_s"][method] = estimate
             row["estimated"][method] = True
             log(f"    {method}: {estimate:.1f} s > --full-limit {full_limit:.0f} s, reporting the estimate")
+    if "explain" in methods and "attnlrp" in methods:  # the same relevance, or the times compare different work
+        ours = explain_runner(model, input_ids, token)().relevance
+        row["explain_vs_attnlrp_max_abs_difference"] = float((ours - runner("attnlrp", model, input_ids, token,
+                                                                                 settings)()).abs().max())
     if "gradient" in row["time_s"]:
         row["time_ratio_to_gradient"] = {m: t / row["time_s"]["gradient"] for m, t in row["time_s"].items()}
     return row
@@ -297,6 +322,10 @@ def markdown(results: dict) -> str:
                 ratio_text = f" ({mark}{_ratio(ratio)})" if ratio else ""
                 cells.append(f"{mark}{_seconds(row['time_s'][method])}{ratio_text}")
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        if "explain_vs_attnlrp_max_abs_difference" in rows[0]:
+            differences = ", ".join(f"{r['explain_vs_attnlrp_max_abs_difference']:.1e} at {r['length']} tokens"
+                                    for r in rows)
+            lines += ["", f"`explain()` gives AttnLRP's relevance (largest difference: {differences})."]
         if "memory" in rows[0]:
             lines += ["", "Peak extra memory (ratio to gradient):", "", header, rule]
             for method in methods:
@@ -385,7 +414,7 @@ def main(argv=None) -> int:
                         help="model names ('smollm2' or a synthetic Llama size), each optionally with ':lengths'")
     parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 1024],
                         help="lengths for the models given without ':lengths'")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=SINGLE_PASS + MULTI_PASS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=SINGLE_PASS + MULTI_PASS + EXTRA)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-limit", type=float, default=120.0,
                         help="run a multi-pass method in full only if one pass x passes is below this (seconds)")
@@ -398,6 +427,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for the test suite)")
     parser.add_argument("--output", type=Path, default=common.RESULTS)
+    parser.add_argument("--name", default="speed", help="stem of the result files (NAME.json, NAME.md, NAME.png)")
     parser.add_argument("--from-json", type=Path, help="only rewrite the table and the plot from a results file")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
 
@@ -408,7 +438,7 @@ def main(argv=None) -> int:
         print(json.dumps(memory_main(args.memory_of, args.lengths, args.methods, settings, args.dtype)))
         return 0
     if args.from_json:
-        write(json.loads(args.from_json.read_text()), args.output)
+        write(json.loads(args.from_json.read_text()), args.output, args.name)
         return 0
     if args.smoke:
         args.models, args.repeats, args.ig_steps, args.smoothgrad_samples = ["tiny:16,32"], 1, 4, 4
@@ -421,15 +451,15 @@ def main(argv=None) -> int:
     )
     results["command"] = command.strip()
     results["notes"] = notes(results, args.methods, args.full_limit)
-    write(results, args.output)
+    write(results, args.output, args.name)
     return 0
 
 
-def write(results: dict, output: Path) -> None:
-    """Write ``speed.json``, ``speed.md`` and ``speed.png`` into ``output``."""
+def write(results: dict, output: Path, name: str = "speed") -> None:
+    """Write ``NAME.json``, ``NAME.md`` and ``NAME.png`` into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    paths = common.write_results("speed", results, markdown(results), output)
-    figure = plot(results, output / "speed.png")
+    paths = common.write_results(name, results, markdown(results), output)
+    figure = plot(results, output / f"{name}.png")
     common.log(f"wrote {paths[0]}, {paths[1]} and {figure}")
 
 

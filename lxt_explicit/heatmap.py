@@ -2,42 +2,91 @@
 
 Colours are diverging and symmetric around zero: white for no relevance, red for positive and
 blue for negative relevance, with the strongest colour at the largest absolute relevance.
-Token strings are cleaned for display first (:func:`clean_tokens`).
+Raw tokenizer pieces are cleaned for display first (:func:`clean_tokens`); pass the tokenizer's own
+decoding (:attr:`lxt_explicit.explanation.Explanation.token_texts`) with ``clean=False``.
 """
 
 from __future__ import annotations
 
+import codecs
 import html as html_lib
 from pathlib import Path
+from types import MappingProxyType
 from typing import Sequence
 
 import torch
 
 __all__ = ["clean_tokens", "colour", "terminal_heatmap", "html_heatmap", "png_heatmap"]
 
-_BYTE_LEVEL = {"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r"}
+_SPACE_MARKERS = MappingProxyType({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r"})
+
+
+def _byte_level_alphabet() -> MappingProxyType:
+    """Character -> byte of byte-level BPE (GPT-2): printable Latin-1 bytes stand for themselves, the
+    other 68 bytes (controls, space, soft hyphen) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    return MappingProxyType(table)
+
+
+_BYTE_OF = _byte_level_alphabet()
+_SHIFTED = frozenset(chr(c) for c in range(256, 256 + 68))
 
 
 def clean_tokens(tokens: Sequence[str]) -> list[str]:
-    """Display strings of tokenizer tokens.
+    """Display strings of raw tokenizer pieces (prefer the tokenizer's own decoding where there is one).
 
-    Byte-level BPE (``'Ġthe'`` -> ``' the'``, ``'Ċ'`` -> newline), SentencePiece (``'▁the'`` ->
-    ``' the'``) and WordPiece continuations (``'##ing'`` -> ``'ing'``; other WordPiece tokens get a
-    leading space) are handled; special tokens stay as they are.
+    Byte-level BPE pieces are decoded from their bytes (``'Ġthe'`` -> ``' the'``, ``'Ċ'`` -> newline,
+    ``'ĠcafÃ©'`` -> ``' café'``; a character split over several pieces is shown once, with the piece
+    that completes it), SentencePiece (``'▁the'`` -> ``' the'``) and WordPiece continuations
+    (``'##ing'`` -> ``'ing'``; other WordPiece tokens get a leading space) are handled; special
+    tokens stay as they are.  Pieces are read as byte-level BPE when one of them has a character
+    that only byte-level BPE writes (U+0100 to U+0143, e.g. ``'Ġ'``) and all of them together are
+    valid UTF-8 bytes.
     """
-    wordpiece = any(t.startswith("##") for t in tokens)
+    if any(t.startswith("##") for t in tokens):
+        return _clean_wordpiece(tokens)
+    if _is_byte_level(tokens):
+        return _decode_byte_level(tokens)
     cleaned = []
-    for index, token in enumerate(tokens):
-        if wordpiece:
-            if token.startswith("##"):
-                cleaned.append(token[2:])
-            else:
-                cleaned.append(token if index == 0 or token.startswith("[") else " " + token)
-            continue
+    for token in tokens:
         text = token.replace("▁", " ")
-        for marker, replacement in _BYTE_LEVEL.items():
+        for marker, replacement in _SPACE_MARKERS.items():
             text = text.replace(marker, replacement)
         cleaned.append(text)
+    return cleaned
+
+
+def _clean_wordpiece(tokens: Sequence[str]) -> list[str]:
+    return [
+        token[2:] if token.startswith("##") else token if index == 0 or token.startswith("[") else " " + token
+        for index, token in enumerate(tokens)
+    ]
+
+
+def _is_byte_level(tokens: Sequence[str]) -> bool:
+    if not any(_SHIFTED.intersection(token) for token in tokens):
+        return False
+    pieces = [token for token in tokens if all(c in _BYTE_OF for c in token)]
+    try:
+        b"".join(bytes(_BYTE_OF[c] for c in token) for token in pieces).decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.reason == "unexpected end of data"  # only the last character is incomplete
+    return True
+
+
+def _decode_byte_level(tokens: Sequence[str]) -> list[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    cleaned = []
+    for token in tokens:
+        if all(c in _BYTE_OF for c in token):
+            cleaned.append(decoder.decode(bytes(_BYTE_OF[c] for c in token)))
+        else:  # an added token written as text: whatever is pending is incomplete
+            cleaned.append(decoder.decode(b"", final=True) + token)
+            decoder.reset()
+    if cleaned:
+        cleaned[-1] += decoder.decode(b"", final=True)
     return cleaned
 
 
@@ -77,14 +126,20 @@ def terminal_heatmap(tokens: Sequence[str], relevance, *, clean: bool = True) ->
 
 
 def html_heatmap(
-    tokens: Sequence[str], relevance, *, title: str = "Relevance", subtitle: str = "", fragment: bool = False
+    tokens: Sequence[str],
+    relevance,
+    *,
+    title: str = "Relevance",
+    subtitle: str = "",
+    fragment: bool = False,
+    clean: bool = True,
 ) -> str:
     """The tokens on coloured backgrounds as HTML; hovering a token shows its position and value.
 
     Parameters
     ----------
     tokens : sequence of str
-        Tokenizer tokens (cleaned for display here).
+        Tokenizer pieces (cleaned for display here), or display texts with ``clean=False``.
     relevance : tensor or sequence of float
         One value per token.
     title, subtitle : str
@@ -92,11 +147,13 @@ def html_heatmap(
     fragment : bool
         Return a ``<div>`` with inline styles only (for notebooks and other pages) instead of a
         self-contained page.
+    clean : bool
+        Clean ``tokens`` with :func:`clean_tokens` (``False``: they are display texts already).
     """
     values = _as_list(relevance)
     scale = _scale(values)
     spans = []
-    for index, (text, value) in enumerate(zip(clean_tokens(tokens), values)):
+    for index, (text, value) in enumerate(zip(clean_tokens(tokens) if clean else list(tokens), values)):
         r, g, b = colour(value, scale)
         escaped = html_lib.escape(text).replace("\n", "<br>")
         spans.append(
@@ -121,9 +178,21 @@ def html_heatmap(
 
 
 def png_heatmap(
-    tokens: Sequence[str], relevance, path: str | Path, *, title: str = "", width: float = 10.0, font_size: int = 11
+    tokens: Sequence[str],
+    relevance,
+    path: str | Path,
+    *,
+    title: str = "",
+    width: float = 10.0,
+    font_size: int = 11,
+    clean: bool = True,
 ) -> Path:
-    """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path."""
+    """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path.
+
+    ``tokens`` are cleaned with :func:`clean_tokens` unless ``clean=False`` (display texts).
+    Characters that the monospace font lacks (emoji; CJK without a CJK font installed) are drawn as
+    boxes, and matplotlib warns about them; the HTML heatmap shows every character.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -132,7 +201,7 @@ def png_heatmap(
         raise ImportError("png_heatmap needs matplotlib: pip install matplotlib") from error
     values = _as_list(relevance)
     scale = _scale(values)
-    texts = [t.replace("\t", " ") for t in clean_tokens(tokens)]
+    texts = [t.replace("\t", " ") for t in (clean_tokens(tokens) if clean else tokens)]
     dpi = 110
     # a monospace font: every character advances by the same, measured width
     # Figures without pyplot: no global backend or figure state is touched

@@ -68,8 +68,9 @@ IN_PLACE: Mapping[Callable, Callable] = MappingProxyType({
     Tensor.add_: torch.add, Tensor.__iadd__: torch.add, Tensor.sub_: torch.sub, Tensor.__isub__: torch.sub,
     Tensor.mul_: torch.mul, Tensor.__imul__: torch.mul, Tensor.div_: torch.div, Tensor.__itruediv__: torch.div,
     Tensor.index_add_: torch.index_add, Tensor.scatter_add_: torch.scatter_add, Tensor.neg_: torch.neg,
-    Tensor.relu_: torch.relu, Tensor.sigmoid_: torch.sigmoid, Tensor.pow_: torch.pow, Tensor.__ipow__: torch.pow, Tensor.tanh_: torch.tanh, Tensor.clamp_: torch.clamp,
-    Tensor.clip_: torch.clamp, torch.relu_: torch.relu, F.relu_: torch.relu,
+    Tensor.relu_: torch.relu, Tensor.sigmoid_: torch.sigmoid, Tensor.pow_: torch.pow, Tensor.__ipow__: torch.pow,
+    Tensor.tanh_: torch.tanh, Tensor.clamp_: torch.clamp, Tensor.clip_: torch.clamp, torch.relu_: torch.relu,
+    F.relu_: torch.relu,
 })
 
 #: In-place operations that overwrite elements: relevance-neutral like their out-of-place forms,

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import skip_without_smollm2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -148,3 +147,24 @@ def test_faithfulness_smoke(tmp_path):
         assert 0 <= plausibility["top1"] <= plausibility["top3"] <= 1
     assert "| AttnLRP |" in (tmp_path / "faithfulness.md").read_text()
     assert _png(tmp_path / "faithfulness_curves.png") and _png(tmp_path / "faithfulness_abpc.png")
+
+
+def test_speed_smoke_of_explain_and_of_all_logits(tmp_path):
+    arguments = ["--smoke", "--methods", "gradient", "attnlrp", "attnlrp_all_logits", "explain", "--output",
+                 str(tmp_path), "--name", "large"]
+    assert speed.main(arguments) == 0
+    results = json.loads((tmp_path / "large.json").read_text())
+    for row in results["models"]["tiny"]["rows"]:
+        assert set(row["time_s"]) == {"gradient", "attnlrp", "attnlrp_all_logits", "explain"}
+        assert all(t > 0 and math.isfinite(t) for t in row["time_s"].values())
+        assert row["memory"]["explain"]["saved_bytes"] > 0
+        assert row["explain_vs_attnlrp_max_abs_difference"] < 1e-4  # the timed explain() does AttnLRP's work
+    table = (tmp_path / "large.md").read_text()
+    assert "| explain() |" in table and "| AttnLRP, logits of all positions |" in table
+    assert _png(tmp_path / "large.png") and not (tmp_path / "speed.json").exists()
+
+
+def test_word_tokenizer_gives_back_the_ids():
+    tokenizer = common.word_tokenizer(300)
+    ids = torch.tensor([[0, 299, 17, 17, 5]])
+    assert tokenizer(common.ids_as_text(ids), add_special_tokens=False)["input_ids"] == ids[0].tolist()

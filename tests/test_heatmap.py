@@ -53,3 +53,31 @@ def test_png_heatmap_writes_an_image(tmp_path):
     path = png_heatmap(["ĠThe"] * 60 + ["Ċ", "Ġend"], torch.linspace(-1, 1, 62), tmp_path / "h.png", title="t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_clean_tokens_decodes_byte_level_pieces_and_shows_a_split_character_once():
+    # ' café 😀' in GPT-2-style byte-level BPE: é is the bytes C3 A9 ('Ã©'), 😀 is F0 9F 98 80 split over two pieces
+    assert clean_tokens(["ĠcafÃ©", "ĠðŁĺ", "Ģ"]) == [" café", " ", "😀"]
+    assert clean_tokens(["<|im_start|>", "user", "Ċ", "Ã¼", "ber"]) == ["<|im_start|>", "user", "\n", "ü", "ber"]
+    assert clean_tokens(["ĠðŁĺ"]) == [" �"]  # a character that never completes: one replacement character
+    # display texts (not byte-level: invalid as bytes) and other tokenizers are left alone
+    assert clean_tokens(["Łą", "ka"]) == ["Łą", "ka"]
+    assert clean_tokens(["▁café", "▁😀"]) == [" café", " 😀"]
+
+
+def test_heatmaps_show_display_texts_as_given_with_clean_false():
+    texts = [" café", " ", "😀", " Ġ"]  # a literal 'Ġ' in the text is not a space marker
+    shown = terminal_heatmap(texts, [1.0, 0.5, -1.0, 0.0], clean=False)
+    assert re.sub(r"\x1b\[[0-9;]*m", "", shown) == " café 😀 Ġ"
+    page = html_heatmap(texts, [1.0, 0.5, -1.0, 0.0], clean=False)
+    assert ">&#x27;" not in page and "> café<" in page and ">😀<" in page and "> Ġ<" in page
+    assert re.sub(r"\x1b\[[0-9;]*m", "", terminal_heatmap(["ĠcafÃ©", "ĠðŁĺ", "Ģ"], [1, 0, 1])) == " café 😀"
+    assert "> café</span>" in html_heatmap(["ĠcafÃ©"], [1.0])  # shown decoded; the hover names the raw piece
+
+
+def test_png_heatmap_draws_the_decoded_text(tmp_path):
+    values = [1.0, -0.5]
+    decoded = png_heatmap([" café", " naïve"], values, tmp_path / "decoded.png", clean=False).read_bytes()
+    cleaned = png_heatmap(["ĠcafÃ©", "ĠnaÃ¯ve"], values, tmp_path / "cleaned.png").read_bytes()
+    raw = png_heatmap(["ĠcafÃ©", "ĠnaÃ¯ve"], values, tmp_path / "raw.png", clean=False).read_bytes()
+    assert decoded == cleaned and decoded != raw

@@ -4,8 +4,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import skip_without_smollm2
+
 from lxt_explicit.data.demo import DEMO_CONTEXT
 from lxt_explicit.data.reading_comprehension import (
     ANSWER_PREFILL,
@@ -41,7 +41,8 @@ def test_answer_is_correct_and_its_context_word_is_among_the_top_three(smollm2, 
     assert first_word(tokenizer.decode(generated.token_ids[generated.prompt_length:])) == first_word(item.answer)
     context = result.token_span(item.context)
     top3 = [position for position, _, _ in result.top_tokens(3, span=context)]
-    assert set(answer_token_positions(tokenizer, result.text, item)) & set(top3), (item.answer, result.top_tokens(3, span=context))
+    answer = set(answer_token_positions(tokenizer, result.text, item))
+    assert answer & set(top3), (item.answer, result.top_tokens(3, span=context))
 
 
 def test_sentence_explanation_is_the_sum_of_its_positions(smollm2):
@@ -64,7 +65,8 @@ def test_batch_of_chat_prompts_equals_one_by_one(smollm2):
     for prompt, result in zip(prompts, batch):
         single = explain(model, tokenizer, prompt, chat=True, system=SYSTEM_PROMPT, prefill=ANSWER_PREFILL)
         assert result.target == single.target
-        torch.testing.assert_close(result.relevance, single.relevance, rtol=1e-3, atol=1e-3 * float(single.relevance.abs().max()))
+        scale = float(single.relevance.abs().max())
+        torch.testing.assert_close(result.relevance, single.relevance, rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_long_context_of_two_thousand_tokens(smollm2):
@@ -78,3 +80,13 @@ def test_long_context_of_two_thousand_tokens(smollm2):
     assert 2000 <= result.prompt_length <= 2600
     assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
     print(f"{result.prompt_length} tokens explained in {seconds:.1f} s: {result.target}")
+
+
+def test_non_ascii_text_is_shown_as_the_tokenizer_decodes_it(smollm2):
+    model, tokenizer = smollm2
+    result = explain(model, tokenizer, "Le café 😀 est", continuation=" très bon 🎉")
+    assert result.tokens[:5] == ["Le", "ĠcafÃ©", "ĠðŁĺ", "Ģ", "Ġest"]  # SmolLM2's byte-level BPE pieces, kept
+    assert result.token_texts[:5] == ["Le", " café", " ", "😀", " est"]  # the emoji once, not as '�' twice
+    assert "".join(result.token_texts) == "Le café 😀 est très bon 🎉"
+    assert result.continuation_text == " très bon 🎉" and "très bon 🎉" in result.target
+    assert [text for _, text, _ in result.top_tokens(5)].count("😀") == 1

@@ -23,7 +23,8 @@ def test_layers_import_only_downwards():
 
 
 def test_ruff_finds_nothing():
-    result = run(sys.executable, "-m", "ruff", "check", "lxt_explicit", "tests", "benchmarks", "--output-format", "concise")
+    command = ("check", "--output-format=concise", "lxt_explicit", "tests", "benchmarks")
+    result = run(sys.executable, "-m", "ruff", *command)
     if result.returncode != 0 and "No module named ruff" in result.stderr:
         pytest.skip("ruff is not installed (pip install ruff)")
     assert result.returncode == 0, result.stdout[-4000:]

