@@ -88,6 +88,35 @@ def synthetic_gemma3(*, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, 
     return Gemma3ForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+#: Name of the synthetic mixture-of-experts model (see :func:`synthetic_moe`).
+MIXTURE_OF_EXPERTS = "qwen3-moe-8x2"
+
+
+def synthetic_moe(*, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, device="cpu", experts="grouped_mm",
+                  size: str = "benchmark"):
+    """A ``Qwen3MoeForCausalLM`` with random weights, tiny but not trivial: 4 layers of width 512, 8 experts of
+    width 512 with 2 active per token (the fused ``grouped_mm`` experts), vocabulary 8192 (``size='tiny'``: for
+    smoke tests)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shape = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                 moe_intermediate_size=512, intermediate_size=1024)
+    if size == "tiny":
+        shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     moe_intermediate_size=32, intermediate_size=64)
+    config = Qwen3MoeConfig(vocab_size=8192, num_experts=8, num_experts_per_tok=2, max_position_embeddings=8192,
+                            **shape)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():  # routers start at zero: random routing weights so that experts differ per token
+        for name, parameter in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                parameter.normal_(0.0, 0.02)
+    model.set_experts_implementation(experts)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer whose text ``'t0 t1 ...'`` is token ids ``0, 1, ...``: a real tokenizer for
     :func:`lxt_explicit.explain.explain` on synthetic models fed random ids (see :func:`ids_as_text`)."""
@@ -118,6 +147,13 @@ def load_model(name: str, *, attn: str = "sdpa", dtype=torch.float32, device="cp
         return model, (
             f"synthetic Gemma3 of Gemma-3-270m's shape ({parameters / 1e6:.0f} M parameters: 18 layers, hidden 640, "
             f"vocab {model.config.vocab_size:,}, random weights)"
+        )
+    if name == MIXTURE_OF_EXPERTS:
+        model = synthetic_moe(attn=attn, dtype=dtype, device=device)
+        parameters = sum(p.numel() for p in model.parameters())
+        return model, (
+            f"synthetic Qwen3-MoE ({parameters / 1e6:.0f} M parameters: 4 layers, hidden 512, 8 experts of width 512, "
+            "top-2, grouped_mm experts, vocab 8192, random weights)"
         )
     model = synthetic_llama(name, attn=attn, dtype=dtype, device=device)
     parameters = sum(p.numel() for p in model.parameters())

@@ -67,6 +67,10 @@ DEFAULT_METHODS = SINGLE_PASS + ("integrated_gradients", "occlusion")
 DEFAULT_MODELS = ("smollm2:128,512,1024,2048", "medium:128,512")
 #: The large-vocabulary comparison (``--name speed_large_vocabulary``): what ``explain()`` costs on a
 #: 262,144-token vocabulary, next to a plain gradient and AttnLRP with the logits of every position.
+#: The mixture-of-experts comparison (``--name speed_moe``): fused experts at 512 tokens.
+MIXTURE_OF_EXPERTS_COMMAND = (
+    f"--models {common.MIXTURE_OF_EXPERTS}:512 --methods forward gradient attnlrp cp_lrp --repeats 5 --name speed_moe"
+)
 LARGE_VOCABULARY_COMMAND = (
     f"--models {common.LARGE_VOCABULARY}:128,512 --methods forward gradient attnlrp attnlrp_all_logits explain "
     "--name speed_large_vocabulary"
