@@ -63,6 +63,17 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
         "RobertaModel",
     ),
     "ViT": ("ViTForImageClassification", "ViTModel"),
+    "Mixture of experts (eager, grouped_mm and batched_mm experts)": (
+        "Qwen3MoeForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "MixtralForCausalLM",
+        "OlmoeForCausalLM",
+        "PhimoeForCausalLM",
+        "GraniteMoeForCausalLM",
+        "GptOssForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "Llama4ForCausalLM",
+    ),
 }
 
 def supported_architectures_table() -> str:

@@ -96,3 +96,10 @@ def test_cp_lrp_gives_the_routers_no_relevance():
         model(input_ids=IDS, use_cache=False)
     handle.remove()
     assert seen and not any(t.requires_grad for t in seen[0] if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("family", [f for f in tm.MOE_FAMILIES if f != "gpt_oss"])  # gpt-oss: eager only (sinks)
+def test_eager_and_fused_attention_give_the_same_relevance(family):
+    eager, _ = relevance(tm.build_moe(family, attn="eager"), lxt.attnlrp(epsilon=1e-12))
+    sdpa, _ = relevance(tm.build_moe(family, attn="sdpa"), lxt.attnlrp(epsilon=1e-12))
+    assert max_relative_error(sdpa, eager) <= 1e-6
