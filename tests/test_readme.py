@@ -6,6 +6,7 @@ from pathlib import Path
 import transformers
 
 from lxt_explicit.presets import SUPPORTED_ARCHITECTURES, supported_architectures_table
+from lxt_explicit.support import Sweep, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -45,3 +46,10 @@ def test_benchmark_headline_numbers_come_from_the_committed_results():
     assert len(numbers) >= 10
     missing = [n for n in numbers if n not in results]
     assert missing == [], f"README's benchmark numbers {missing} are not in benchmarks/results/*.md"
+
+
+def test_support_matrix_sentence_comes_from_the_committed_results():
+    sweep = Sweep.load(ROOT / "benchmarks" / "results" / "support.json")
+    version = ".".join(sweep.transformers.split(".")[:2])
+    sentence = f"{summary(sweep)} (docs/support.md, measured with transformers {version})"
+    assert sentence in " ".join(README.split()), f"README should say: {sentence}"
