@@ -257,6 +257,7 @@ class CoverageReport:
     """
 
     rows: list[CoverageRow]
+    error: str | None = None
 
     @property
     def unhandled(self) -> list[CoverageRow]:
@@ -277,7 +278,7 @@ class CoverageReport:
 
     def to_dict(self) -> dict:
         """The report as plain Python data (for JSON)."""
-        return {"counts": self.counts(), "rows": [row.__dict__ for row in self.rows]}
+        return {"counts": self.counts(), "rows": [row.__dict__ for row in self.rows], "error": self.error}
 
     def __str__(self) -> str:
         headers = ("module", "op", "status", "rule", "calls")
@@ -311,7 +312,9 @@ def _requiring_grad(value):
     return value
 
 
-def audit(model: nn.Module, composite: Composite, *args, strict: bool | None = None, **kwargs) -> CoverageReport:
+def audit(
+    model: nn.Module, composite: Composite, *args, strict: bool | None = None, on_error: str = "raise", **kwargs
+) -> CoverageReport:
     """List every operation that one forward pass runs on the relevance path, and how it is handled.
 
     Floating-point tensor arguments are made to require a gradient (they are
@@ -328,11 +331,16 @@ def audit(model: nn.Module, composite: Composite, *args, strict: bool | None = N
     strict : bool, optional
         Raise :class:`~lxt_explicit.composite.UnhandledOperationError` at the first unhandled
         operation, naming it and its module (default: the composite's own setting).
+    on_error : {'raise', 'report'}, optional
+        If the forward pass raises: re-raise (default), or return the operations seen until then
+        with the error in :attr:`CoverageReport.error` (the last rows name where it happened).
 
     Returns
     -------
     CoverageReport
     """
+    if on_error not in ("raise", "report"):
+        raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
     registered_here = composite.model is not model
     if registered_here:
         composite.register(model)
@@ -340,12 +348,17 @@ def audit(model: nn.Module, composite: Composite, *args, strict: bool | None = N
     if strict is not None:
         composite.strict = strict
     observer = _CoverageObserver()
+    error = None
     try:
         with composite.observe(observer), torch.enable_grad():
             model(*(_requiring_grad(a) for a in args), **{k: _requiring_grad(v) for k, v in kwargs.items()})
+    except Exception as raised:
+        if on_error == "raise":
+            raise
+        error = f"{type(raised).__name__}: {str(raised).splitlines()[0] if str(raised) else ''}"
     finally:
         composite.strict = previous_strict
         if registered_here:
             composite.remove()
     rows = [CoverageRow(*key, count) for key, count in observer.counts.items()]
-    return CoverageReport(rows)
+    return CoverageReport(rows, error)

@@ -110,3 +110,23 @@ def test_audit_makes_float_inputs_carry_relevance():
     model = nn.Sequential(nn.Linear(3, 3), nn.SiLU()).double()
     report = audit(model, Composite({nn.Linear: EpsilonRule, nn.SiLU: IdentityRule}), torch.randn(2, 3, dtype=D))
     assert report.counts() == {"rule": 2} and not report.unhandled
+
+
+def test_audit_can_report_the_operations_seen_before_an_error():
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.linear(x) + x
+            raise RuntimeError("broken model")
+
+    model = Failing().double()
+    x = torch.randn(2, 3, dtype=D)
+    with pytest.raises(RuntimeError, match="broken model"):
+        audit(model, Composite({nn.Linear: EpsilonRule()}, ops={"add": EpsilonRule()}), x)
+    report = audit(model, Composite({nn.Linear: EpsilonRule()}, ops={"add": EpsilonRule()}), x, on_error="report")
+    assert report.error == "RuntimeError: broken model"
+    assert {row.op for row in report.rows} >= {"EpsilonRule", "Tensor.add"}
+    assert "forward" not in model.__dict__

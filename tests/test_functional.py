@@ -376,7 +376,8 @@ def attention_reference(q, k, v, R, *, mask=None, causal=False, scale=None, eps=
 @pytest.mark.parametrize("cp", [False, True])
 @pytest.mark.parametrize(
     "case",
-    ["plain", "causal", "bool_mask", "float_mask", "zero_minus_inf_mask", "gqa_causal", "cross_lengths", "scale"],
+    ["plain", "causal", "bool_mask", "float_mask", "zero_minus_inf_mask", "gqa_causal", "mqa_broadcast",
+     "cross_lengths", "scale"],
 )
 def test_attention_equals_stepwise_rules(case, cp):
     heads, kv_heads, L, S_len, d = 4, 4, 5, 5, 8
@@ -385,6 +386,9 @@ def test_attention_equals_stepwise_rules(case, cp):
         kv_heads = 2
         kwargs = {"enable_gqa": True, "is_causal": True}
         ref_kwargs = {"causal": True}
+    if case == "mqa_broadcast":  # one key/value head broadcast over the query heads, as torch allows
+        kv_heads = 1
+        kwargs, ref_kwargs = {"is_causal": True}, {"causal": True}
     if case == "cross_lengths":
         S_len = 7
     if case == "causal":

@@ -314,7 +314,7 @@ def scaled_dot_product_attention(
     torch.Tensor
         The attention output, ``(..., heads, L, d)``.
     """
-    if q.size(-3) != k.size(-3) and not enable_gqa:
+    if q.size(-3) != k.size(-3) and not enable_gqa and k.size(-3) != 1:  # one key head broadcasts (multi-query)
         raise ValueError(
             f"queries have {q.size(-3)} heads and keys {k.size(-3)}; pass enable_gqa=True for grouped-query attention"
         )
