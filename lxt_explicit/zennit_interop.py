@@ -34,7 +34,7 @@ from zennit.rules import Gamma
 
 from .composite import Composite
 from .presets import EMBEDDING_PARAMETERS, op_rules, transformer_layer_map
-from .rules import EpsilonRule, IdentityRule, PlainGradientRule, RelevanceSource, Rule
+from .rules import DropoutRule, EpsilonRule, PlainGradientRule, RelevanceSource, Rule
 from .stabilizer import DEFAULT_EPSILON, check_epsilon
 
 __all__ = [
@@ -248,7 +248,7 @@ def convolutional(
         zennit_composite = EpsilonPlusFlat(canonizers=[ExactSequentialMergeBatchNorm()])
     ops = {
         "add": EpsilonRule(epsilon=epsilon) if residual_rule else PlainGradientRule(),
-        "dropout": IdentityRule(),
+        "dropout": DropoutRule(),
     }
     return Composite(ops=ops, extensions=[ZennitComposite(zennit_composite)], warn_unmatched=False)
 

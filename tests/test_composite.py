@@ -182,13 +182,17 @@ def test_bad_keys_and_values_are_explained():
         Composite({nn.Conv2d: EpsilonRule}).register(GatedNet())
 
 
-def test_rule_that_cannot_wrap_a_module_names_the_module():
+def test_a_module_rule_that_does_not_cover_its_module_declines_and_the_ops_are_routed():
+    from lxt_explicit.diagnostics import audit
+
     net = GatedNet().double()
-    composite = Composite({"down": IdentityRule}).register(net)
-    with pytest.raises(ValueError, match="element-wise") as raised:
-        net.down(torch.randn(2, 8, dtype=D, requires_grad=True))
-    assert any("module 'down'" in note for note in raised.value.__notes__)  # the note names the module
-    composite.remove()
+    composite = Composite({nn.Embedding: RelevanceSource, "down": IdentityRule}, ops={"linear": EpsilonRule()})
+    report = audit(net, composite, torch.randint(0, 10, (1, 3)))
+    declined = [row for row in report.rows if row.status == "declined"]
+    assert [(row.module, row.op) for row in declined] == [("down", "IdentityRule()")]
+    assert any(row.module == "down" and row.op == "F.linear" and row.status == "rule" for row in report.rows)
+    with pytest.raises(ValueError, match="element-wise"):  # called directly, the rule says why it does not apply
+        IdentityRule()(net.down, torch.randn(2, 8, dtype=D, requires_grad=True))
 
 
 class Exotic(nn.Module):

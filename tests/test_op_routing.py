@@ -211,3 +211,12 @@ def test_op_groups_and_neutral_functions_are_disjoint_and_named():
     assert op_name(torch.matmul) == "torch.matmul" and op_name(torch.Tensor.add) == "Tensor.add"
     assert op_name(F.softmax) == "F.softmax" and op_name(torch.Tensor.T.__get__) == "Tensor.T"
     assert math.isfinite(len(grouped))
+
+
+def test_numpy_style_axis_and_unknown_keywords_keep_the_forward_pass():
+    x = torch.randn(3, 5, dtype=D)
+    out, (rx,) = routed(lambda t: torch.mean(t, axis=-1, keepdim=True), x)
+    assert torch.equal(out, torch.mean(x, axis=-1, keepdim=True))  # axis is dim, not "all dimensions"
+    torch.testing.assert_close(rx, x / 5 * (out / stab(out, EPS)), rtol=1e-10, atol=1e-12)
+    with pytest.raises(lxt.UnhandledOperationError, match="declined"):  # an unknown keyword: declined, reported
+        routed(lambda t: torch.mean(t, -1, out=None), x)

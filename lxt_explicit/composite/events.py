@@ -33,7 +33,9 @@ class CompositeObserver:
         """A module rule or op rule produced ``output``."""
 
     def on_op(self, module: str, op: str, status: str, rule: Any) -> None:
-        """An op ran on the relevance path; ``status`` is ``'rule'``, ``'neutral'`` or ``'unhandled'``."""
+        """An op ran on the relevance path; ``status`` is ``'rule'``, ``'neutral'``, ``'unhandled'``, or
+        ``'declined'`` for a module rule that does not cover its module (the module then runs as if
+        it had no rule)."""
 
 
 class Events:
@@ -77,6 +79,11 @@ class Events:
                 observer.on_rule(module, rule, output)
             else:  # relevance from hooks elsewhere: listed, not traced
                 observer.on_op(module, repr(rule), "rule", rule)
+
+    def declined(self, module: str, rule, reason: str) -> None:
+        """A module rule declined the module (``reason``); the module runs as if it had no rule."""
+        for observer in self.observers:
+            observer.on_op(module, repr(rule), "declined", rule)
 
     def unhandled(self, module: str, what: str, detail: str | None) -> None:
         """``what`` (an op or a module rule) ran without a rule: warn once per op and module, or raise if strict."""

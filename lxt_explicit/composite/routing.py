@@ -205,6 +205,10 @@ class Router:
         state.paused += 1  # a module with a rule is run by the rule: the ops inside are not routed
         try:
             output = rule.apply(original, args, kwargs)
+            if rule.is_source:
+                self.source_created(name, output)
+                if isinstance(output, torch.Tensor) and output.is_leaf and output.requires_grad:
+                    output = output.clone()  # the model may change it in place; relevance stays at the leaf
         except RuleDeclined as declined:
             output, reason = None, str(declined)
         except (TypeError, ValueError) as error:
@@ -214,12 +218,10 @@ class Router:
             reason = None
         finally:
             state.paused -= 1
-        if reason is not None:  # run the module's operations through their own rules instead
-            self.events.unhandled(name, repr(rule), f"declined: {reason}")
+        if reason is not None:  # as if the module had no rule: its operations get their own rules
+            self.events.declined(name, rule, reason)
             return original(*args, **kwargs)
-        if rule.is_source:
-            self.source_created(name, output)
-        else:
+        if not rule.is_source:
             self.events.module_rule(name, rule, output)
         return output
 

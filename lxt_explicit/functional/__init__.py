@@ -21,7 +21,17 @@ blocks), the equation is also written out plainly (:func:`linear_relevance`,
 """
 
 from .attention import attention_relevance, blocked_attention_relevance, mask_is_pure, scaled_dot_product_attention
-from .elementwise import activation, add2, add_relevance, identity, is_gate, mul2, normalize, rms_norm_identity
+from .elementwise import (
+    NotElementWise,
+    activation,
+    add2,
+    add_relevance,
+    identity,
+    is_gate,
+    mul2,
+    normalize,
+    rms_norm_identity,
+)
 from .grouped import grouped_linear_epsilon, grouped_linear_relevance
 from .linear import linear_epsilon, linear_relevance, matmul
 from .normalization import layer_norm
@@ -51,4 +61,5 @@ __all__ = [
     "attention_relevance",
     "blocked_attention_relevance",
     "grouped_linear_relevance",
+    "NotElementWise",
 ]

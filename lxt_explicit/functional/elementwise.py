@@ -10,7 +10,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon, sign_shift, stabilized_quotient
-from .shapes import compute_dtype, sum_to_shape
+from .shapes import compute_dtype, not_a_view, sum_to_shape
 
 __all__ = [
     "add2",
@@ -21,6 +21,7 @@ __all__ = [
     "is_gate",
     "rms_norm_identity",
     "normalize",
+    "NotElementWise",
 ]
 
 # ----------------------------------------------------------------------------------------- sums
@@ -129,7 +130,7 @@ class _Mul2(Function):
     def forward(ctx, a, b):
         ctx.shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None for t in (a, b))
         ctx.dtypes = tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in (a, b))
-        return torch.mul(a, b)
+        return not_a_view(torch.mul(a, b))
 
     @staticmethod
     @once_differentiable
@@ -206,6 +207,10 @@ def mul2(a, b, *, epsilon: float = DEFAULT_EPSILON):
 # ---------------------------------------------------------------------------- element-wise maps
 
 
+class NotElementWise(ValueError):
+    """The identity rule was given a function whose output mixes the elements of its input."""
+
+
 def _check_element_wise(x: torch.Tensor, out) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the identity rule needs a function that returns a tensor, got {type(out).__name__}")
@@ -214,7 +219,7 @@ def _check_element_wise(x: torch.Tensor, out) -> None:
     except RuntimeError:
         element_wise = False
     if not element_wise:
-        raise ValueError(
+        raise NotElementWise(
             "the identity rule needs an element-wise function (the output keeps the input's shape, "
             f"or broadcasts it); got input {tuple(x.shape)} and output {tuple(out.shape)}. "
             "Use an epsilon or Taylor rule for functions that mix elements."
@@ -229,7 +234,7 @@ class _Identity(Function):
         out = fn(x)
         _check_element_wise(x, out)
         ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
-        return out
+        return not_a_view(out, x)
 
     @staticmethod
     @once_differentiable

@@ -8,7 +8,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon, stabilized_quotient
-from .shapes import compute_dtype, sum_to_shape
+from .shapes import compute_dtype, not_a_view, sum_to_shape
 
 __all__ = ["linear_epsilon", "linear_relevance", "matmul"]
 
@@ -52,7 +52,7 @@ class _LinearEpsilon(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon):
-        out = F.linear(x, weight, bias)
+        out = not_a_view(F.linear(x, weight, bias))
         if ctx.needs_input_grad[0]:
             ctx.wide = out.shape[-1] >= RECOMPUTE_WIDENING * x.shape[-1]
             ctx.save_for_backward(x, weight, bias, None if ctx.wide else out)
@@ -122,7 +122,7 @@ class _Matmul(Function):
 
     @staticmethod
     def forward(ctx, a, b, epsilon):
-        out = torch.matmul(a, b)
+        out = not_a_view(torch.matmul(a, b))
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(a, b, out)
         ctx.epsilon = epsilon

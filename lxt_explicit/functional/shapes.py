@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HALF_DTYPES", "compute_dtype", "sum_to_shape"]
+__all__ = ["HALF_DTYPES", "compute_dtype", "sum_to_shape", "not_a_view"]
 
 #: Half-precision dtypes; relevance is computed in float32 for them.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -26,3 +26,15 @@ def sum_to_shape(relevance: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if dims:
         relevance = relevance.sum(dim=dims, keepdim=True)
     return relevance
+
+
+def not_a_view(out: torch.Tensor, *inputs) -> torch.Tensor:
+    """``out``, copied if it is a view or an input itself.
+
+    An operation's output must not be a view (``F.linear`` returns one for some input layouts, an
+    element-wise function may return its input): autograd forbids in-place changes of views that a
+    custom Function returns, and models change outputs in place (``query /= scale``).
+    """
+    if out._is_view() or any(out is x for x in inputs):
+        return out.clone()
+    return out

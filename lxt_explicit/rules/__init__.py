@@ -17,7 +17,7 @@ Example
 
 from .attention import AttentionRule, MultiheadAttentionRule
 from .base import Rule, RuleDeclined
-from .elementwise import ActivationRule, DivisionRule, IdentityRule, UniformRule
+from .elementwise import ActivationRule, DivisionRule, DropoutRule, IdentityRule, UniformRule
 from .epsilon import EpsilonRule, UniformEpsilonRule
 from .operations import LayerNormRule, SoftmaxRule
 from .special import PlainGradientRule, RelevanceSource, StopRelevanceRule
@@ -31,6 +31,7 @@ __all__ = [
     "IdentityRule",
     "ActivationRule",
     "DivisionRule",
+    "DropoutRule",
     "UniformRule",
     "StopRelevanceRule",
     "PlainGradientRule",

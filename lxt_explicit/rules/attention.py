@@ -22,6 +22,9 @@ _SDPA_ARGUMENTS = (
 )
 
 
+_SDPA_NAMES = frozenset(name for name, _ in _SDPA_ARGUMENTS)
+
+
 class _MaskPurity:
     """Whether a mask is bias-free, read once per mask tensor (every layer of a forward pass gets the same mask)."""
 
@@ -68,6 +71,8 @@ class AttentionRule(Rule):
     def explain_call(self, fn, args, kwargs):
         if fn is not F.scaled_dot_product_attention:
             raise RuleDeclined(f"AttentionRule covers F.scaled_dot_product_attention, not {describe(fn)}")
+        if not set(kwargs) <= {name for name, _ in _SDPA_ARGUMENTS} or len(args) > len(_SDPA_ARGUMENTS):
+            raise RuleDeclined(f"AttentionRule does not know the arguments {sorted(set(kwargs) - _SDPA_NAMES)}")
         values = {name: argument(args, kwargs, i, name, default) for i, (name, default) in enumerate(_SDPA_ARGUMENTS)}
         if values["dropout_p"]:
             raise RuntimeError(

@@ -6,12 +6,12 @@ import torch
 
 from .. import functional as lf
 from ..functional.shapes import sum_to_shape
-from ..ops import OP_GROUPS
+from ..ops import OP_GROUPS, argument
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon
 from .base import RuleDeclined, carries_relevance, describe
 from .graph import NodeRule
 
-__all__ = ["IdentityRule", "ActivationRule", "DivisionRule", "UniformRule"]
+__all__ = ["IdentityRule", "ActivationRule", "DivisionRule", "DropoutRule", "UniformRule"]
 
 _PRODUCTS = frozenset(OP_GROUPS["mul"])
 
@@ -43,7 +43,10 @@ class IdentityRule(NodeRule):
             values[index] = tensor
             return fn(*values, **kwargs)
 
-        return self.function(of_one_input, args[index])
+        try:
+            return self.function(of_one_input, args[index])
+        except lf.NotElementWise as error:  # e.g. a module named like a norm that returns a per-row scale
+            raise RuleDeclined(f"{type(self).__name__} on {describe(fn)}: {error}") from error
 
 
 class ActivationRule(IdentityRule):
@@ -73,6 +76,19 @@ class DivisionRule(IdentityRule):
         if len(args) == 2 and carries_relevance(args[0]) and carries_relevance(args[1]):
             # the divisor: the second operand of a / d, the first of the reflected d.__rtruediv__(a)
             args = (args[0].detach(), args[1]) if fn in self._REFLECTED else (args[0], args[1].detach())
+        return super().explain_call(fn, args, kwargs)
+
+
+class DropoutRule(IdentityRule):
+    """Dropout: the identity rule while it drops units (training); in eval mode it is not there at all.
+
+    In eval mode (or with ``p == 0``) dropout returns its input unchanged, so the call runs as it is
+    (no operation is added, and the input stays the tensor the model changes in place, if it does).
+    """
+
+    def explain_call(self, fn, args, kwargs):
+        if not argument(args, kwargs, 2, "training", True) or argument(args, kwargs, 1, "p", 0.5) == 0:
+            return fn(*args, **kwargs)
         return super().explain_call(fn, args, kwargs)
 
 

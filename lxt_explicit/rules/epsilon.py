@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 
 
 def _linear(rule, fn, args, kwargs):
+    if not set(kwargs) <= {"input", "weight", "bias"} or len(args) > 3:
+        raise RuleDeclined("F.linear is covered with input, weight and bias only")
     x, weight, bias = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "weight"), argument(
         args, kwargs, 2, "bias"
     )
@@ -33,6 +35,8 @@ def _linear(rule, fn, args, kwargs):
 
 
 def _addmm(rule, fn, args, kwargs):
+    if not set(kwargs) <= {"input", "mat1", "mat2", "beta", "alpha"} or len(args) > 3:
+        raise RuleDeclined("torch.addmm is covered with input, mat1, mat2, beta and alpha only")
     bias, x, weight = (argument(args, kwargs, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or carries_relevance(bias) or carries_relevance(
         weight
@@ -64,9 +68,14 @@ def _add(rule, fn, args, kwargs):
 _MEANS = frozenset(OP_GROUPS["mean"])
 
 
+_REDUCTION_KEYWORDS = frozenset({"input", "dim", "axis", "keepdim", "dtype"})
+
+
 def _reduction(rule, fn, args, kwargs):
+    if not set(kwargs) <= _REDUCTION_KEYWORDS or len(args) > 3:
+        raise RuleDeclined(f"{describe(fn)} is covered with input, dim (or axis), keepdim and dtype only")
     x = argument(args, kwargs, 0, "input")
-    dim = argument(args, kwargs, 1, "dim")
+    dim = argument(args, kwargs, 1, "dim", kwargs.get("axis"))
     keepdim = argument(args, kwargs, 2, "keepdim", False)
     if kwargs.get("dtype") is not None:
         x = x.to(kwargs["dtype"])
