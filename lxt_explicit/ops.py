@@ -59,6 +59,8 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "grouped_mm": _existing(getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)),
     "index_add": (torch.index_add, Tensor.index_add),
     "scatter_add": (torch.scatter_add, Tensor.scatter_add),
+    "einsum": (torch.einsum,),
+    "solve": (torch.linalg.solve, torch.linalg.solve_triangular),
 })
 
 #: In-place operations with the out-of-place function whose rule they get (read-only).  A

@@ -20,9 +20,11 @@ from .rules import (
     AttentionRule,
     DivisionRule,
     DropoutRule,
+    EinsumRule,
     EpsilonRule,
     IdentityRule,
     LayerNormRule,
+    LinearSolveRule,
     MultiheadAttentionRule,
     RelevanceSource,
     Rule,
@@ -32,6 +34,7 @@ from .rules import (
     UniformRule,
 )
 from .stabilizer import DEFAULT_EPSILON, check_epsilon
+from .state_space import StateSpaceMixers
 
 __all__ = [
     "attnlrp",
@@ -184,6 +187,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "grouped_mm": UniformEpsilonRule(epsilon=epsilon),
         "index_add": EpsilonRule(epsilon=epsilon),
         "scatter_add": EpsilonRule(epsilon=epsilon),
+        "einsum": EinsumRule(epsilon=epsilon),
+        "solve": LinearSolveRule(epsilon=epsilon),
     }
 
 
@@ -269,7 +274,7 @@ def _preset(rules, cp, relevance_sources, strict, layer_map, ops) -> Composite:
         _in_front(layer_map, modules),
         ops={**rules, **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
-        extensions=[TransformersCheckpointing()],
+        extensions=[TransformersCheckpointing(), StateSpaceMixers()],
         strict=strict,
         warn_unmatched=False,
     )

@@ -14,12 +14,18 @@ changed, and relevance is ``input * gradient``:
 * normalizers (a divisor, a root, a variance, a norm) are detached;
   powers get the identity rule (gradient ``f(x) / x``);
 * mixture of experts: top-k selection and index_add_ keep the plain gradient (selection, sum);
-  CP-LRP: the routers' outputs are detached.
+  CP-LRP: the routers' outputs are detached;
+* state-space and linear-attention scans (MambaLRP): the scan functions of transformers'
+  modeling files are called with their parameter arguments detached (:data:`SCAN_PARAMETERS`), so
+  the scan is a linear map of its input and the plain gradient is the epsilon rule.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +155,49 @@ def _is_identity_module(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") or _is_activation_module(module)
 
 
+#: transformers' scan functions (by name, in every modeling file that defines one) and their arguments
+#: that are input-dependent parameters of the scan: the step size, A and the B/C projections of
+#: Mamba's selective scan; the queries, keys, decay and write strength of gated delta rules.
+SCAN_PARAMETERS = {
+    "mamba_selective_scan": ("dt", "A", "B", "C"),
+    "mamba2_chunk_scan": ("dt", "A", "B", "C"),
+    "torch_chunk_gated_delta_rule": ("query", "key", "g", "beta"),
+    "chunk_kimi_delta_attention": ("query", "key", "g", "beta"),
+}
+
+
+def _with_constant(function, names):
+    signature = inspect.signature(function)
+
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in names:
+            value = bound.arguments.get(name)
+            if isinstance(value, torch.Tensor):
+                bound.arguments[name] = value.detach()
+        return function(*bound.args, **bound.kwargs)
+
+    return call
+
+
+@contextmanager
+def constant_scan_parameters(model: nn.Module):
+    """Inside the block, the scan functions of ``model``'s modeling files get their parameters detached."""
+    modeling_files = {sys.modules[type(m).__module__] for m in model.modules()}
+    patched = []
+    try:
+        for modeling in modeling_files:
+            for name, names in SCAN_PARAMETERS.items():
+                function = getattr(modeling, name, None)
+                if function is not None:
+                    patched.append((modeling, name, function))
+                    setattr(modeling, name, _with_constant(function, names))
+        yield
+    finally:
+        for modeling, name, function in patched:
+            setattr(modeling, name, function)
+
+
 def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bool = True, leaf_inputs=()):
     """Relevance of every embedding output (and of ``leaf_inputs``) by Gradient x Input.
 
@@ -200,7 +249,7 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bo
 
             handles.append(module.register_forward_hook(identity))
     try:
-        with GxIMode(cp, gates, constant_gates):
+        with GxIMode(cp, gates, constant_gates), constant_scan_parameters(model):
             target = run(model)
         target.backward()
     finally:

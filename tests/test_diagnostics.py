@@ -119,7 +119,7 @@ def test_audit_can_report_the_operations_seen_before_an_error():
             self.linear = nn.Linear(3, 3)
 
         def forward(self, x):
-            h = self.linear(x) + x
+            self.linear(x) + x  # an op on the relevance path, then the error
             raise RuntimeError("broken model")
 
     model = Failing().double()

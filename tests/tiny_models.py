@@ -142,3 +142,77 @@ def build_moe(family: str, *, dtype=torch.float64, experts: str = "eager", attn:
     elif experts != "eager":
         raise ValueError(f"{family} has one experts implementation")
     return model
+
+
+# --------------------------------------------------------------------------- state-space and linear attention
+
+#: Tiny state-space / linear-attention families (2 layers, small state): pure Mamba, Mamba2 and their
+#: hybrids with attention (and experts), and the gated delta nets of Qwen3-Next, Qwen3.5 and others.
+SSM_FAMILIES = ("mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid",
+                "zamba", "zamba2", "qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear")
+#: Families without softmax attention: MambaLRP alone, conservative on bias-free models.
+PURE_SSM_FAMILIES = ("mamba", "falcon_mamba", "mamba2")
+
+_SSM = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)
+_HYBRID = dict(_SSM, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_MAMBA2_HEADS = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                     mamba_chunk_size=4)
+_DELTA = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4, linear_key_head_dim=8,
+              linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+_MAMBA1 = dict(state_size=8, expand=2, conv_kernel=4, time_step_rank=4)
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SSM_CONFIGS = {
+    "mamba": lambda: tf.MambaConfig(**_SSM, **_MAMBA1),
+    "falcon_mamba": lambda: tf.FalconMambaConfig(**_SSM, **_MAMBA1),
+    # chunk_size 4 < sequence length: the chunked scan with padding and inter-chunk states
+    "mamba2": lambda: tf.Mamba2Config(**_SSM, num_heads=8, head_dim=8, state_size=8, expand=2, n_groups=2,
+                                      conv_kernel=4, chunk_size=4),
+    "jamba": lambda: tf.JambaConfig(**_HYBRID, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+                                    expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+                                    mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4),
+    "bamba": lambda: tf.BambaConfig(**_HYBRID, **_MAMBA2_HEADS, attn_layer_indices=[1]),
+    "falcon_h1": lambda: tf.FalconH1Config(**_HYBRID, **_MAMBA2_HEADS, mamba_d_ssm=64, head_dim=8),
+    "nemotron_h": lambda: tf.NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, layers_block_type=["mamba", "attention", "mlp"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=48, ssm_state_size=8, mamba_num_heads=8,
+        mamba_head_dim=8, n_groups=2, conv_kernel=4, expand=2, chunk_size=4,
+    ),
+    "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(
+        **_HYBRID, **_MAMBA2_HEADS, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=16,
+        layer_types=["mamba", "attention"],
+    ),
+    "zamba": lambda: tf.ZambaConfig(**_HYBRID, attention_hidden_size=64, attention_head_dim=16, n_mamba_heads=2,
+                                    mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+                                    layers_block_type=["hybrid", "hybrid"]),
+    "zamba2": lambda: tf.Zamba2Config(
+        **_SSM, layers_block_type=["mamba", "hybrid"], mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        mamba_ngroups=2, n_mamba_heads=8, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4,
+        chunk_size=4, max_position_embeddings=128,
+    ),
+    "qwen3_next": lambda: tf.Qwen3NextConfig(**_HYBRID, **_DELTA, head_dim=8, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2),
+    "qwen3_5": lambda: tf.Qwen3_5TextConfig(**_HYBRID, **_DELTA, head_dim=8),
+    "olmo_hybrid": lambda: tf.OlmoHybridConfig(**_HYBRID, **_DELTA, **_TOKENS),
+    "kimi_linear": lambda: tf.KimiLinearConfig(
+        **dict(_HYBRID, num_key_value_heads=4), **_TOKENS, layer_types=["linear_attention", "full_attention"],
+        linear_head_dim=8, linear_num_heads=4, linear_conv_kernel_dim=4, num_local_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+}
+
+
+def build_ssm(family: str, *, dtype=torch.float64, bias_free: bool = False):
+    """A tiny state-space / linear-attention causal LM in eval mode (eager attention and experts)."""
+    cfg = _SSM_CONFIGS[family]()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
+        model.set_experts_implementation("eager")  # the fused experts kernels have no float64
+    if bias_free:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.zero_()
+    return model

@@ -80,7 +80,10 @@ class Registration:
     def override(self, module: nn.Module, name: str, value) -> None:
         """Set an instance attribute of ``module`` for the registration (undone on removal)."""
         previous = module.__dict__.get(name, MISSING)
-        self.overrides.setdefault(id(module), {})[name] = (previous, value)
+        entries = self.overrides.setdefault(id(module), {})
+        # overridden twice (an extension's forward, then the Composite's): a copy gets the first value back
+        first = entries[name][0] if name in entries else previous
+        entries[name] = (first, value)
         module.__dict__[name] = value
         self.undo.push(self._restore_attribute, module, name, previous, value)
 

@@ -21,6 +21,7 @@ from .elementwise import ActivationRule, DivisionRule, DropoutRule, IdentityRule
 from .epsilon import EpsilonRule, UniformEpsilonRule
 from .operations import LayerNormRule, SoftmaxRule
 from .special import PlainGradientRule, RelevanceSource, StopRelevanceRule
+from .ssm import EinsumRule, LinearSolveRule, ScanParametersRule
 from .taylor import TaylorDecompositionRule
 
 __all__ = [
@@ -41,4 +42,7 @@ __all__ = [
     "LayerNormRule",
     "AttentionRule",
     "MultiheadAttentionRule",
+    "ScanParametersRule",
+    "EinsumRule",
+    "LinearSolveRule",
 ]
