@@ -37,7 +37,7 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "softmax": (F.softmax, torch.softmax, Tensor.softmax),
     "attention": (F.scaled_dot_product_attention,),
     "multi_head_attention": (F.multi_head_attention_forward,),
-    "layer_norm": (F.layer_norm,),
+    "layer_norm": (F.layer_norm, F.group_norm),
     "rms_norm": _existing(getattr(F, "rms_norm", None)),
     "normalize": (F.normalize,),
     "mean": (torch.mean, Tensor.mean),
@@ -45,7 +45,7 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "activation": (
         F.silu, F.gelu, F.relu, torch.relu, Tensor.relu, F.tanh, torch.tanh, Tensor.tanh, F.sigmoid, torch.sigmoid,
         Tensor.sigmoid, F.elu, F.leaky_relu, F.relu6, F.hardtanh, F.softplus, F.mish, F.hardswish, F.hardsigmoid,
-        F.selu, F.celu, torch.clamp, Tensor.clamp, torch.clip, Tensor.clip,
+        F.selu, F.celu, torch.clamp, Tensor.clamp, torch.clip, Tensor.clip, torch.erf, Tensor.erf, torch.special.erf,
     ),
     "dropout": (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d),
     "conv": (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
@@ -56,6 +56,7 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "root": (torch.rsqrt, Tensor.rsqrt, torch.sqrt, Tensor.sqrt),
     "variance": (torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean),
     "norm": (torch.norm, Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm),
+    "resample": (F.interpolate, F.fold),
     "grouped_mm": _existing(getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)),
     "index_add": (torch.index_add, Tensor.index_add),
     "scatter_add": (torch.scatter_add, Tensor.scatter_add),
@@ -105,7 +106,8 @@ RELEVANCE_NEUTRAL: frozenset = frozenset(
         torch.scatter, Tensor.masked_select, Tensor.requires_grad_, Tensor.__iter__, Tensor.T.__get__,
         Tensor.mT.__get__, Tensor.H.__get__, Tensor.mH.__get__, Tensor.real.__get__,
         # selections: relevance goes to the selected elements (top-k routing weights, sorted values)
-        torch.topk, Tensor.topk, torch.sort, Tensor.sort, torch.view_as_real, torch.view_as_complex,
+        torch.topk, Tensor.topk, torch.sort, Tensor.sort, torch.view_as_real, torch.view_as_complex, F.unfold,
+        Tensor.as_strided, torch.as_strided,
         # maxima and minima (also a row maximum subtracted from logits before a softmax: the epsilon rule
         # of the difference gives the maximum's share back to its element, so the softmax rule sees
         # the logits as if they were not shifted)

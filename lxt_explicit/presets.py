@@ -44,6 +44,7 @@ __all__ = [
     "is_rms_norm",
     "is_activation",
     "is_router",
+    "is_position_embedding",
     "SUPPORTED_ARCHITECTURES",
     "EMBEDDING_PARAMETERS",
     "supported_architectures_table",
@@ -109,6 +110,14 @@ def is_router(name: str, module: nn.Module) -> bool:
     return type(module).__name__.endswith(("Router", "TopKGating"))
 
 
+def is_position_embedding(name: str, module: nn.Module) -> bool:
+    """Position embeddings computed by a module of their own (sinusoidal ones: ``*PositionalEmbedding``, ...)."""
+    return type(module).__name__.endswith(_POSITION_EMBEDDINGS) and not isinstance(module, nn.Embedding)
+
+
+_POSITION_EMBEDDINGS = ("PositionalEmbedding", "PositionEmbedding", "PositionalEncoding", "PositionEncoding")
+
+
 def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: bool = False) -> dict:
     """The module-level part of the presets.
 
@@ -127,6 +136,9 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
         layer_map[is_router] = StopRelevanceRule
     if relevance_sources:
         layer_map[nn.Embedding] = RelevanceSource
+        # a position embedding computed from positions only is an input of the explanation too (it is not
+        # absorbed where it is added); one that adds itself to relevance-carrying states declines
+        layer_map[is_position_embedding] = RelevanceSource(constant_inputs_only=True)
     layer_map[is_rms_norm] = IdentityRule
     layer_map[is_activation] = ActivationRule
     return layer_map
@@ -184,6 +196,7 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "root": StopRelevanceRule(),
         "variance": StopRelevanceRule(),
         "norm": StopRelevanceRule(),
+        "resample": UniformEpsilonRule(epsilon=epsilon),  # interpolation and fold: linear maps
         "grouped_mm": UniformEpsilonRule(epsilon=epsilon),
         "index_add": EpsilonRule(epsilon=epsilon),
         "scatter_add": EpsilonRule(epsilon=epsilon),

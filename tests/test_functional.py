@@ -525,3 +525,24 @@ def test_attention_paths_equal_the_written_out_rules(case):
     expected = lf.attention_relevance(q.detach(), k.detach(), v.detach(), R, epsilon=EPS, **kwargs)
     for got, want in zip((q.grad, k.grad, v.grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_applies_the_layer_norm_rules_within_each_group(affine):
+    x = leaf(2, 6, 3, 2)
+    w = torch.rand(6, dtype=D) + 0.5 if affine else None
+    b = torch.randn(6, dtype=D) if affine else None
+    out = lf.group_norm(x, 3, w, b, 1e-5, epsilon=EPS)
+    assert torch.equal(out, F.group_norm(x, 3, w, b, 1e-5))
+    R = torch.randn(out.shape, dtype=D)
+    out.backward(R)
+    y = out.detach()
+    if affine:  # the bias absorbs its share, as in layer norm
+        bias = b.view(1, 6, 1, 1)
+        e = EPS * torch.where(y >= 0, 1.0, -1.0)
+        R = R * (y - bias + e) / (y + e)
+    xg, Rg = x.detach().reshape(2, 3, 12), R.reshape(2, 3, 12)  # two channels of 3 x 2 per group
+    M = torch.eye(12, dtype=D) - torch.full((12, 12), 1.0 / 12, dtype=D)  # centering within the group
+    c = torch.einsum("ij,bgj->bgi", M, xg)
+    expected = torch.einsum("ij,bgj,bgi->bgj", M, xg, Rg / stab(c, EPS)).reshape(x.shape)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)

@@ -220,3 +220,50 @@ def test_numpy_style_axis_and_unknown_keywords_keep_the_forward_pass():
     torch.testing.assert_close(rx, x / 5 * (out / stab(out, EPS)), rtol=1e-10, atol=1e-12)
     with pytest.raises(lxt.UnhandledOperationError, match="declined"):  # an unknown keyword: declined, reported
         routed(lambda t: torch.mean(t, -1, out=None), x)
+
+
+def test_resampling_unfolding_and_erf():
+    x = torch.randn(1, 2, 4, 4, dtype=D)
+    out, (rx,) = routed(lambda t: F.interpolate(t, scale_factor=2, mode="bilinear"), x)
+    R = out  # linear in x: the epsilon rule, x * J^T (R / stab(out)), with J the interpolation
+    probe = x.clone().requires_grad_()
+    (F.interpolate(probe, scale_factor=2, mode="bilinear") * (R / stab(out, EPS))).sum().backward()
+    torch.testing.assert_close(rx, x * probe.grad, rtol=1e-10, atol=1e-12)
+    R = torch.randn(1, 8, 9, dtype=D)
+    out, (rx,) = routed(lambda t: F.unfold(t, 2), x, relevance=R)  # patches: relevance moves with the values
+    torch.testing.assert_close(rx, F.fold(R, (4, 4), 2), rtol=1e-10, atol=1e-12)
+    R = torch.randn(1, 2, 4, 4, dtype=D)
+    _, (rx,) = routed(torch.erf, x, relevance=R)
+    assert torch.equal(rx, R)  # an element-wise activation: identity rule
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    def forward(self, positions):
+        return torch.sin(positions[..., None].to(D) / torch.arange(1, 5, dtype=D))
+
+
+class AddingPositionalEmbedding(nn.Module):
+    def forward(self, hidden):
+        return hidden + torch.ones_like(hidden)
+
+
+def test_position_embeddings_of_their_own_are_sources_unless_they_take_relevance():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(10, 4), SinusoidalPositionalEmbedding()
+            self.adding = AddingPositionalEmbedding()
+
+        def forward(self, ids):
+            return self.adding(self.tokens(ids) + self.positions(torch.arange(ids.shape[-1])))
+
+    model = Model().double()
+    composite = lxt.cp_lrp(epsilon=1e-12)
+    with composite.context(model):
+        out = model(torch.tensor([[1, 2, 3]]))
+        out.backward(out.detach())
+        sources = composite.source_relevance()
+    assert set(sources) == {"tokens", "positions"}  # the adding module declined: it takes relevance
+    total = sum(float(r.sum()) for r in sources.values())
+    added = float((out - torch.ones_like(out)).detach().sum())  # the constant ones absorb their share
+    assert abs(total - added) <= 1e-9 * abs(added)

@@ -34,7 +34,7 @@ from .elementwise import (
 )
 from .grouped import grouped_linear_epsilon, grouped_linear_relevance
 from .linear import linear_epsilon, linear_relevance, matmul
-from .normalization import layer_norm
+from .normalization import group_norm, layer_norm
 from .reduction import mean, sum_epsilon
 from .softmax_op import masked_logits, softmax
 
@@ -47,6 +47,7 @@ __all__ = [
     "mean",
     "sum_epsilon",
     "layer_norm",
+    "group_norm",
     "rms_norm_identity",
     "normalize",
     "identity",

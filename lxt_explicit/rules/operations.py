@@ -39,7 +39,8 @@ class SoftmaxRule(Rule):
 class LayerNormRule(Rule):
     """Identity rule on the division by the standard deviation, epsilon rule on the centering.
 
-    Covers ``F.layer_norm`` and ``nn.LayerNorm`` modules (see :func:`~lxt_explicit.functional.layer_norm`).
+    Covers ``F.layer_norm``, ``F.group_norm`` (within every group of channels) and ``nn.LayerNorm``
+    modules (see :func:`~lxt_explicit.functional.layer_norm` and :func:`~lxt_explicit.functional.group_norm`).
 
     Parameters
     ----------
@@ -60,10 +61,18 @@ class LayerNormRule(Rule):
                 args[0], owner.weight, owner.bias, owner.eps, normalized_shape=owner.normalized_shape,
                 epsilon=self.epsilon,
             )
+        if fn is F.group_norm:
+            return self._group_norm(args, kwargs)
         if fn is not F.layer_norm:
-            raise RuleDeclined(f"LayerNormRule covers F.layer_norm and nn.LayerNorm, not {describe(fn)}")
+            raise RuleDeclined(f"LayerNormRule covers F.layer_norm, F.group_norm and nn.LayerNorm, not {describe(fn)}")
         x = argument(args, kwargs, 0, "input")
         shape = argument(args, kwargs, 1, "normalized_shape")
         weight, bias = argument(args, kwargs, 2, "weight"), argument(args, kwargs, 3, "bias")
         eps = argument(args, kwargs, 4, "eps", 1e-5)
         return lf.layer_norm(x, weight, bias, eps, normalized_shape=tuple(shape), epsilon=self.epsilon)
+
+    def _group_norm(self, args, kwargs):
+        x, groups = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "num_groups")
+        weight, bias = argument(args, kwargs, 2, "weight"), argument(args, kwargs, 3, "bias")
+        eps = argument(args, kwargs, 4, "eps", 1e-5)
+        return lf.group_norm(x, groups, weight, bias, eps, epsilon=self.epsilon)
