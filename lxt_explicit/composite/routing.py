@@ -63,6 +63,13 @@ def _is_neutral(func) -> bool:
         return False
 
 
+def _is_overwriting(func) -> bool:
+    try:
+        return func in OVERWRITING
+    except TypeError:
+        return False
+
+
 def _lookup(table, func):
     try:
         return table.get(func)
@@ -107,7 +114,7 @@ class Router:
         out_of_place = _lookup(IN_PLACE, func)
         if out_of_place is not None:
             return self._in_place(func, out_of_place, args, kwargs)
-        if func in OVERWRITING and args:
+        if args and _is_overwriting(func):
             self.state.saved.copy_on_write(args[0])
         output = func(*args, **kwargs)
         if not _output_relevant(output):
