@@ -40,6 +40,7 @@ __all__ = [
     "is_rms_norm",
     "is_activation",
     "is_router",
+    "is_attention_bias",
     "SUPPORTED_ARCHITECTURES",
     "EMBEDDING_PARAMETERS",
     "supported_architectures_table",
@@ -84,14 +85,32 @@ def is_rms_norm(name: str, module: nn.Module) -> bool:
     return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
 
 
+#: Class-name endings of the activation modules that model files define themselves (BLOOM's ``BloomGelu``,
+#: whose custom autograd Function hides its operations from the routing).
+_ACTIVATION_SUFFIXES = ("Gelu", "GELU", "GeLU")
+
+
 def is_activation(name: str, module: nn.Module) -> bool:
-    """Element-wise activation modules: torch's and ``transformers.activations``' (``NewGELUActivation``, ...)."""
-    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+    """Element-wise activation modules.
+
+    Torch's, ``transformers.activations``' (``NewGELUActivation``, ...) and parameter-free leaf
+    modules named ``*Gelu`` / ``*GELU`` / ``*GeLU`` (``BloomGelu``).
+    """
+    if isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations":
+        return True
+    return type(module).__name__.endswith(_ACTIVATION_SUFFIXES) and not list(module.children()) and not list(
+        module.parameters()
+    )
 
 
 def is_router(name: str, module: nn.Module) -> bool:
     """The router of a mixture-of-experts layer: classes named ``*Router`` (``Qwen3MoeTopKRouter``, ...)."""
     return type(module).__name__.endswith(("Router", "TopKGating"))
+
+
+def is_attention_bias(name: str, module: nn.Module) -> bool:
+    """Embeddings of relative positions that are added to attention scores (T5's ``relative_attention_bias``)."""
+    return isinstance(module, nn.Embedding) and name.endswith("relative_attention_bias")
 
 
 def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: bool = False) -> dict:
@@ -103,6 +122,8 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
         Make every ``nn.Embedding`` (token, position and token-type embeddings) a
         :class:`~lxt_explicit.rules.RelevanceSource`.  Without it, an embedding
         added inside the model is a constant and absorbs its share of relevance.
+        Relative attention biases (:func:`is_attention_bias`) are constants either way:
+        like ALiBi and like a bias in an attention mask, they are summands of the scores.
     constant_routers : bool, optional
         The routers of mixture-of-experts layers (:func:`is_router`) are constants: their
         routing weights receive no relevance (CP-LRP).
@@ -111,6 +132,7 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
     if constant_routers:
         layer_map[is_router] = StopRelevanceRule
     if relevance_sources:
+        layer_map[is_attention_bias] = None
         layer_map[nn.Embedding] = RelevanceSource
     layer_map[is_rms_norm] = IdentityRule
     layer_map[is_activation] = ActivationRule
@@ -118,11 +140,15 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
 
 
 #: Parameters that some architectures add to the token embeddings inside the model
-#: (ViT's class token and position embeddings, DeiT's distillation token).
+#: (ViT's class token and position embeddings, DeiT's distillation token, DINOv2's register tokens,
+#: CLIP's class embedding, SigLIP2's position embeddings, which it resizes to each image).
 EMBEDDING_PARAMETERS: tuple[str, ...] = (
     "*embeddings.cls_token",
     "*embeddings.position_embeddings",
     "*embeddings.distillation_token",
+    "*embeddings.register_tokens",
+    "*embeddings.class_embedding",
+    "*embeddings.position_embedding.weight",
 )
 
 
@@ -170,6 +196,10 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "variance": StopRelevanceRule(),
         "norm": StopRelevanceRule(),
         "grouped_mm": UniformEpsilonRule(epsilon=epsilon),
+        # a product plus a scaled summand (BLOOM's scores with their ALiBi bias): the bias a constant summand
+        "matmul_add": UniformEpsilonRule(epsilon=epsilon),
+        "einsum": UniformEpsilonRule(epsilon=epsilon),  # multilinear (LongT5's local attention)
+        "interpolate": EpsilonRule(epsilon=epsilon),  # linear (position embeddings resized to an image)
         "index_add": EpsilonRule(epsilon=epsilon),
         "scatter_add": EpsilonRule(epsilon=epsilon),
     }
