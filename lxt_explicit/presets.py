@@ -64,6 +64,35 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
         "RobertaModel",
     ),
     "ViT": ("ViTForImageClassification", "ViTModel"),
+    "Cohere, Cohere2 (written-out layer norms)": ("CohereForCausalLM", "Cohere2ForCausalLM"),
+    "BLOOM, MPT (ALiBi)": ("BloomForCausalLM", "BloomModel", "MptForCausalLM", "MptModel"),
+    "BART family (BART, mBART, Marian, Pegasus)": (
+        "BartForConditionalGeneration",
+        "MBartForConditionalGeneration",
+        "MarianMTModel",
+        "PegasusForConditionalGeneration",
+    ),
+    "T5 family (T5, mT5, LongT5)": (
+        "T5ForConditionalGeneration",
+        "MT5ForConditionalGeneration",
+        "LongT5ForConditionalGeneration",
+    ),
+    "Vision encoders (DINOv2 with and without registers, SigLIP, SigLIP2, CLIP, DeiT, BEiT, Swin)": (
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersForImageClassification",
+        "SiglipForImageClassification",
+        "Siglip2ForImageClassification",
+        "CLIPForImageClassification",
+        "DeiTForImageClassificationWithTeacher",
+        "BeitForImageClassification",
+        "SwinForImageClassification",
+    ),
+    "CNNs (ResNet, ConvNeXt, ConvNeXt V2, EfficientNet; also through Zennit composites)": (
+        "ResNetForImageClassification",
+        "ConvNextForImageClassification",
+        "ConvNextV2ForImageClassification",
+        "EfficientNetForImageClassification",
+    ),
 }
 
 def supported_architectures_table() -> str:

@@ -9,7 +9,7 @@ import transformers as tf
 VOCAB = 96
 DECODERS = ("cohere", "cohere2", "bloom", "mpt")
 SEQ2SEQ = ("bart", "mbart", "marian", "pegasus", "t5", "mt5", "longt5")
-VISION = ("dinov2", "siglip", "siglip2", "clip", "deit", "beit", "swin")
+VISION = ("dinov2", "dinov2_registers", "siglip", "siglip2", "clip", "deit", "beit", "swin")
 CNNS = ("resnet", "convnext", "convnextv2", "efficientnet")
 FAMILIES = DECODERS + SEQ2SEQ + VISION + CNNS
 #: Families whose transformers classes have no sdpa attention (eager only).
@@ -63,6 +63,8 @@ def _seq2seq(family):
 def _vision(family):
     if family == "dinov2":
         return tf.Dinov2Config(**_VIT, layerscale_value=0.5, use_swiglu_ffn=True), tf.Dinov2ForImageClassification
+    if family == "dinov2_registers":
+        return tf.Dinov2WithRegistersConfig(**_VIT, num_register_tokens=2), tf.Dinov2WithRegistersForImageClassification
     if family == "deit":  # class and distillation tokens, two heads
         return tf.DeiTConfig(**_VIT), tf.DeiTForImageClassificationWithTeacher
     if family == "beit":  # relative position bias, layer scale, mean pooling

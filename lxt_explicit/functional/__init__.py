@@ -24,7 +24,7 @@ from .attention import attention_relevance, blocked_attention_relevance, mask_is
 from .elementwise import activation, add2, add_relevance, identity, is_gate, mul2, normalize, rms_norm_identity
 from .grouped import grouped_linear_epsilon, grouped_linear_relevance
 from .linear import linear_epsilon, linear_relevance, matmul
-from .matmul_add import matmul_add, matmul_add_relevance
+from .addmm import matmul_add, matmul_add_relevance
 from .normalization import layer_norm
 from .reduction import mean, sum_epsilon
 from .softmax_op import masked_logits, softmax

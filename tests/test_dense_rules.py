@@ -1,10 +1,16 @@
-"""``beta * c + alpha * (a @ b)`` (torch.baddbmm, addbmm, addmm): the rules against their equations, by element."""
+"""The op rules of the dense families against their equations, element by element (float64).
+
+``beta * c + alpha * (a @ b)`` (torch.baddbmm, addbmm, addmm: BLOOM's ALiBi scores), ``torch.einsum``
+(LongT5's local attention) and ``F.interpolate`` (position embeddings resized to an image).
+"""
 
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import lxt_explicit as lxt
 import lxt_explicit.functional as lf
 from lxt_explicit import Composite
 from lxt_explicit.rules import UniformEpsilonRule
@@ -124,3 +130,54 @@ def test_addmm_with_a_relevance_carrying_bias_gives_the_bias_its_epsilon_share()
 def test_factors_of_the_wrong_rank_are_a_clear_error():
     with pytest.raises(ValueError, match="3-D batches"):
         lf.matmul_add(torch.zeros(3), torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 5, 4))
+
+
+class Call(torch.nn.Module):
+    """A module that runs ``function`` on its inputs (so that a Composite routes the call)."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *inputs):
+        return self.function(*inputs)
+
+
+def routed(function, *inputs):
+    """``function(*inputs)`` routed through the AttnLRP preset's op rules; the output and the inputs' relevance."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with lxt.attnlrp(epsilon=EPS, strict=True).context(Call(function)) as model:
+        out = model(*leaves)
+    out.backward(out.detach())
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_einsum_of_two_relevance_carrying_operands_is_the_uniform_epsilon_rule(as_list):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 3, 4, generator=g, dtype=D), torch.randn(2, 4, 5, generator=g, dtype=D)
+    equation = "nik,nkj->nij"
+    out, (R_a, R_b) = routed(lambda x, y: torch.einsum(equation, [x, y] if as_list else x, *([] if as_list else [y])),
+                             a, b)
+    torch.testing.assert_close(out, a @ b, rtol=1e-12, atol=0)
+    normed = out / (out + EPS * torch.where(out >= 0, 1.0, -1.0))  # R = z: R / stab(z)
+    torch.testing.assert_close(R_a, 0.5 * torch.einsum("nik,nkj,nij->nik", a, b, normed), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(R_b, 0.5 * torch.einsum("nik,nkj,nij->nkj", a, b, normed), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest"])
+def test_interpolate_is_the_epsilon_rule_of_its_matrix(mode):
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(4), dtype=D)
+
+    def resize(t):
+        return F.interpolate(t, size=(5, 4), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+
+    out, (R_x,) = routed(resize, x)
+    # the interpolation matrix, column by column from the unit images
+    basis = torch.eye(9, dtype=D).reshape(9, 1, 3, 3)
+    M = F.interpolate(basis, size=(5, 4), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+    M = M.reshape(9, 20).T  # (outputs, inputs) per channel
+    for c in range(2):
+        flat, z = x[0, c].reshape(9), out[0, c].reshape(20)
+        expected = flat * (M.T @ (z / (z + EPS * torch.where(z >= 0, 1.0, -1.0))))  # Eq. 8 with R = z
+        torch.testing.assert_close(R_x[0, c].reshape(9), expected, rtol=1e-10, atol=1e-12)
