@@ -20,11 +20,11 @@ blocks), the equation is also written out plainly (:func:`linear_relevance`,
 :func:`add_relevance`, :func:`attention_relevance`) and the tests compare the two.
 """
 
+from .addmm import matmul_add, matmul_add_relevance
 from .attention import attention_relevance, blocked_attention_relevance, mask_is_pure, scaled_dot_product_attention
 from .elementwise import activation, add2, add_relevance, identity, is_gate, mul2, normalize, rms_norm_identity
 from .grouped import grouped_linear_epsilon, grouped_linear_relevance
 from .linear import linear_epsilon, linear_relevance, matmul
-from .addmm import matmul_add, matmul_add_relevance
 from .normalization import layer_norm
 from .reduction import mean, sum_epsilon
 from .softmax_op import masked_logits, softmax
