@@ -124,6 +124,13 @@ def _sequences(model, tokenizer, source: str, prefix: str, max_new_tokens: int |
     start = _decoder_start(model)
     prefix_ids = tokenizer(text_target=prefix, add_special_tokens=False)["input_ids"] if prefix else []
     decoder_ids = [start, *prefix_ids]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for what, length in (("source", len(source_ids)), ("decoder input", len(decoder_ids) + (max_new_tokens or 0))):
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"the {what} is {length} tokens but the model has {limit} positions (config.max_position_embeddings): "
+                "shorten the source, the prefix or max_new_tokens"
+            )
     if max_new_tokens is None:
         return source_ids, decoder_ids, [(len(decoder_ids) - 1, None)]
     device = next(model.parameters()).device
@@ -181,7 +188,8 @@ def explain_seq2seq(
     target : int or str, optional
         The next token to explain (an id or a string that is one token); default: the most likely.
     max_new_tokens : int, optional
-        Generate the output greedily (up to this many tokens) and explain each of its tokens.
+        Generate the output greedily (up to this many tokens, with its end-of-sequence token if the
+        model ends it) and explain each of its tokens.
     method : {'attnlrp', 'cp_lrp'}
         Rules (ignored if ``composite`` is given).
     epsilon : float
@@ -196,8 +204,9 @@ def explain_seq2seq(
     Raises
     ------
     ValueError
-        For a model that is not an encoder-decoder, an empty source, a target that is not one
-        token, conflicting options, or a model without a decoder start token.
+        For a model that is not an encoder-decoder, an empty source, a source or output longer than
+        the model's positions, a target that is not one token, conflicting options, or a model
+        without a decoder start token.
     """
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError(

@@ -80,6 +80,8 @@ def test_a_given_target_and_a_registered_composite(tokenizer):
     (dict(method="lrp"), ValueError, "method"),
     (dict(target="paris london"), ValueError, "2 tokens"),
     (dict(prefix=[3, 4]), TypeError, "prefix must be text"),
+    (dict(source=" ".join(["paris"] * 65)), ValueError, "65 tokens but the model has 64 positions"),
+    (dict(max_new_tokens=64), ValueError, "decoder input is 65 tokens"),
 ])
 def test_requests_that_cannot_be_explained_are_clear_errors(tokenizer, options, error, match):
     options = {"source": SOURCE, **options}
