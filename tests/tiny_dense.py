@@ -39,9 +39,12 @@ def _decoder(family):
             tf.Cohere2ForCausalLM
         )
     if family == "bloom":
-        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4), tf.BloomForCausalLM
+        # weights 10x their default scale, so that attention mixes the tokens visibly (the ALiBi scores' rule)
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2), (
+            tf.BloomForCausalLM
+        )
     return tf.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, expansion_ratio=2,
-                        attn_config={"alibi": True}), tf.MptForCausalLM
+                        attn_config={"alibi": True}, initializer_range=0.2), tf.MptForCausalLM
 
 
 def _seq2seq(family):
