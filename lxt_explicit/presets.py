@@ -265,7 +265,7 @@ def attnlrp(
         More layer-map entries, tried before the preset's own (e.g. ``{MyNorm: IdentityRule}`` for
         a normalization class the preset does not know).
     ops : dict, optional
-        Op rules that replace or extend the preset's (e.g. ``{torch.einsum: UniformEpsilonRule()}``).
+        Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
 
     Returns
     -------
