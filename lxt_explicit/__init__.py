@@ -16,6 +16,7 @@ from . import diagnostics, explain, functional, ops, rules  # noqa: E402  (tools
 from .composite import Composite, CoverageWarning, UnhandledOperationError
 from .presets import SUPPORTED_ARCHITECTURES, attnlrp, cp_lrp
 from .rules import RelevanceSource
+from .seq2seq import explain_seq2seq
 from .stabilizer import DEFAULT_EPSILON, stabilize
 
 __version__ = "0.2.0"
@@ -35,4 +36,5 @@ __all__ = [
     "stabilize",
     "diagnostics",
     "explain",
+    "explain_seq2seq",
 ]

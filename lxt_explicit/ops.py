@@ -57,6 +57,7 @@ OP_GROUPS: Mapping[str, tuple[Callable, ...]] = MappingProxyType({
     "variance": (torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean),
     "norm": (torch.norm, Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm),
     "resample": (F.interpolate, F.fold),
+    "matmul_add": (torch.baddbmm, Tensor.baddbmm, torch.addbmm, Tensor.addbmm, Tensor.addmm),
     "grouped_mm": _existing(getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)),
     "index_add": (torch.index_add, Tensor.index_add),
     "scatter_add": (torch.scatter_add, Tensor.scatter_add),
@@ -73,7 +74,7 @@ IN_PLACE: Mapping[Callable, Callable] = MappingProxyType({
     Tensor.index_add_: torch.index_add, Tensor.scatter_add_: torch.scatter_add, Tensor.neg_: torch.neg,
     Tensor.relu_: torch.relu, Tensor.sigmoid_: torch.sigmoid, Tensor.pow_: torch.pow, Tensor.__ipow__: torch.pow,
     Tensor.tanh_: torch.tanh, Tensor.clamp_: torch.clamp, Tensor.clip_: torch.clamp, torch.relu_: torch.relu,
-    F.relu_: torch.relu,
+    F.relu_: torch.relu, Tensor.baddbmm_: torch.baddbmm, Tensor.addbmm_: torch.addbmm, Tensor.addmm_: torch.addmm,
 })
 
 #: In-place operations that overwrite elements: relevance-neutral like their out-of-place forms,

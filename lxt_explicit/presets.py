@@ -45,6 +45,7 @@ __all__ = [
     "is_activation",
     "is_router",
     "is_position_embedding",
+    "is_attention_bias",
     "SUPPORTED_ARCHITECTURES",
     "EMBEDDING_PARAMETERS",
     "supported_architectures_table",
@@ -79,6 +80,35 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
         "DeepseekV3ForCausalLM",
         "Llama4ForCausalLM",
     ),
+    "Cohere, Cohere2 (written-out layer norms)": ("CohereForCausalLM", "Cohere2ForCausalLM"),
+    "BLOOM, MPT (ALiBi)": ("BloomForCausalLM", "BloomModel", "MptForCausalLM", "MptModel"),
+    "BART family (BART, mBART, Marian, Pegasus)": (
+        "BartForConditionalGeneration",
+        "MBartForConditionalGeneration",
+        "MarianMTModel",
+        "PegasusForConditionalGeneration",
+    ),
+    "T5 family (T5, mT5, LongT5)": (
+        "T5ForConditionalGeneration",
+        "MT5ForConditionalGeneration",
+        "LongT5ForConditionalGeneration",
+    ),
+    "Vision encoders (DINOv2 with and without registers, SigLIP, SigLIP2, CLIP, DeiT, BEiT, Swin)": (
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersForImageClassification",
+        "SiglipForImageClassification",
+        "Siglip2ForImageClassification",
+        "CLIPForImageClassification",
+        "DeiTForImageClassificationWithTeacher",
+        "BeitForImageClassification",
+        "SwinForImageClassification",
+    ),
+    "CNNs (ResNet, ConvNeXt, ConvNeXt V2, EfficientNet; also through Zennit composites)": (
+        "ResNetForImageClassification",
+        "ConvNextForImageClassification",
+        "ConvNextV2ForImageClassification",
+        "EfficientNetForImageClassification",
+    ),
 }
 
 def supported_architectures_table() -> str:
@@ -100,9 +130,22 @@ def is_rms_norm(name: str, module: nn.Module) -> bool:
     return isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm")
 
 
+#: Class-name endings of the activation modules that model files define themselves (BLOOM's ``BloomGelu``,
+#: whose custom autograd Function hides its operations from the routing).
+_ACTIVATION_SUFFIXES = ("Gelu", "GELU", "GeLU")
+
+
 def is_activation(name: str, module: nn.Module) -> bool:
-    """Element-wise activation modules: torch's and ``transformers.activations``' (``NewGELUActivation``, ...)."""
-    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+    """Element-wise activation modules.
+
+    Torch's, ``transformers.activations``' (``NewGELUActivation``, ...) and parameter-free leaf
+    modules named ``*Gelu`` / ``*GELU`` / ``*GeLU`` (``BloomGelu``).
+    """
+    if isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations":
+        return True
+    return type(module).__name__.endswith(_ACTIVATION_SUFFIXES) and not list(module.children()) and not list(
+        module.parameters()
+    )
 
 
 def is_router(name: str, module: nn.Module) -> bool:
@@ -116,6 +159,9 @@ def is_position_embedding(name: str, module: nn.Module) -> bool:
 
 
 _POSITION_EMBEDDINGS = ("PositionalEmbedding", "PositionEmbedding", "PositionalEncoding", "PositionEncoding")
+def is_attention_bias(name: str, module: nn.Module) -> bool:
+    """Embeddings of relative positions that are added to attention scores (T5's ``relative_attention_bias``)."""
+    return isinstance(module, nn.Embedding) and name.endswith("relative_attention_bias")
 
 
 def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: bool = False) -> dict:
@@ -127,6 +173,8 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
         Make every ``nn.Embedding`` (token, position and token-type embeddings) a
         :class:`~lxt_explicit.rules.RelevanceSource`.  Without it, an embedding
         added inside the model is a constant and absorbs its share of relevance.
+        Relative attention biases (:func:`is_attention_bias`) are constants either way:
+        like ALiBi and like a bias in an attention mask, they are summands of the scores.
     constant_routers : bool, optional
         The routers of mixture-of-experts layers (:func:`is_router`) are constants: their
         routing weights receive no relevance (CP-LRP).
@@ -135,6 +183,7 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
     if constant_routers:
         layer_map[is_router] = StopRelevanceRule
     if relevance_sources:
+        layer_map[is_attention_bias] = None
         layer_map[nn.Embedding] = RelevanceSource
         # a position embedding computed from positions only is an input of the explanation too (it is not
         # absorbed where it is added); one that adds itself to relevance-carrying states declines
@@ -145,11 +194,15 @@ def transformer_layer_map(*, relevance_sources: bool = True, constant_routers: b
 
 
 #: Parameters that some architectures add to the token embeddings inside the model
-#: (ViT's class token and position embeddings, DeiT's distillation token).
+#: (ViT's class token and position embeddings, DeiT's distillation token, DINOv2's register tokens,
+#: CLIP's class embedding, SigLIP2's position embeddings, which it resizes to each image).
 EMBEDDING_PARAMETERS: tuple[str, ...] = (
     "*embeddings.cls_token",
     "*embeddings.position_embeddings",
     "*embeddings.distillation_token",
+    "*embeddings.register_tokens",
+    "*embeddings.class_embedding",
+    "*embeddings.position_embedding.weight",
 )
 
 
@@ -198,6 +251,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "norm": StopRelevanceRule(),
         "resample": UniformEpsilonRule(epsilon=epsilon),  # interpolation and fold: linear maps
         "grouped_mm": UniformEpsilonRule(epsilon=epsilon),
+        # a product plus a scaled summand (BLOOM's scores with their ALiBi bias): the bias a constant summand
+        "matmul_add": UniformEpsilonRule(epsilon=epsilon),
         "index_add": EpsilonRule(epsilon=epsilon),
         "scatter_add": EpsilonRule(epsilon=epsilon),
         "einsum": EinsumRule(epsilon=epsilon),
@@ -236,7 +291,7 @@ def attnlrp(
         More layer-map entries, tried before the preset's own (e.g. ``{MyNorm: IdentityRule}`` for
         a normalization class the preset does not know).
     ops : dict, optional
-        Op rules that replace or extend the preset's (e.g. ``{torch.einsum: UniformEpsilonRule()}``).
+        Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
 
     Returns
     -------

@@ -221,10 +221,25 @@ def vision_transformer(
     )
 
 
+#: Operations that Zennit's composites leave to the gradient (they hook modules): element-wise functions
+#: called as functions, layer norms, products (layer scales, squeeze-and-excitation gates), means and
+#: written-out normalizations.  :func:`convolutional` gives them the AttnLRP rules.
+_ELEMENT_WISE_OPS = (
+    "activation", "layer_norm", "rms_norm", "normalize", "mul", "div", "neg", "mean", "sum", "pow", "root",
+    "variance", "norm",
+)
+
+
 def convolutional(
-    zennit_composite=None, *, residual_rule: bool = True, epsilon: float = DEFAULT_EPSILON
+    zennit_composite=None, *, residual_rule: bool = True, epsilon: float = DEFAULT_EPSILON, ops: dict | None = None
 ) -> Composite:
     """A Zennit composite for a CNN, registered through lxt_explicit (one backward pass).
+
+    The modules the Zennit composite hooks (convolutions, linear layers, activation and pooling
+    modules, batch norms) get its rules; residual sums, dropout and the operations Zennit leaves
+    to the gradient (layer norms, products such as ConvNeXt's layer scale or EfficientNet's
+    squeeze-and-excitation gates, functional activations, means, written-out normalizations) get
+    the AttnLRP rules of :func:`~lxt_explicit.presets.op_rules`.
 
     Parameters
     ----------
@@ -233,11 +248,14 @@ def convolutional(
     residual_rule : bool
         Give residual sums (``x + f(x)``) the epsilon rule.  With ``False`` they keep the plain
         gradient, which passes the whole relevance to both summands, as Zennit alone does; the
-        result then equals Zennit alone.  Either way, with ``EpsilonPlusFlat`` little relevance
-        reaches the pixels of a network with merged batch norms: the ZPlus rule keeps the positive
-        (merged) biases in its denominators, so every convolution absorbs a share.
+        result then equals Zennit alone for networks made of the modules Zennit hooks and residual
+        sums (ResNets).  Either way, with ``EpsilonPlusFlat`` little relevance reaches the pixels
+        of a network with merged batch norms: the ZPlus rule keeps the positive (merged) biases in
+        its denominators, so every convolution absorbs a share.
     epsilon : float
-        Stabilizer of the residual sums.
+        Stabilizer of the residual sums and of the AttnLRP rules.
+    ops : dict, optional
+        Op rules that replace or extend these (keys as in :class:`~lxt_explicit.composite.Composite`).
 
     Returns
     -------
@@ -246,11 +264,14 @@ def convolutional(
     epsilon = check_epsilon(epsilon)
     if zennit_composite is None:
         zennit_composite = EpsilonPlusFlat(canonizers=[ExactSequentialMergeBatchNorm()])
-    ops = {
+    element_wise = {name: rule for name, rule in op_rules(epsilon=epsilon).items() if name in _ELEMENT_WISE_OPS}
+    rules = {
+        **element_wise,
         "add": EpsilonRule(epsilon=epsilon) if residual_rule else PlainGradientRule(),
         "dropout": DropoutRule(),
+        **(ops or {}),
     }
-    return Composite(ops=ops, extensions=[ZennitComposite(zennit_composite)], warn_unmatched=False)
+    return Composite(ops=rules, extensions=[ZennitComposite(zennit_composite)], warn_unmatched=False)
 
 
 def image_heatmap(relevance: torch.Tensor, path: str | Path, *, cmap: str = "coldnhot", level: float = 1.0) -> Path:

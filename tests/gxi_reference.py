@@ -18,6 +18,11 @@ changed, and relevance is ``input * gradient``:
 * state-space and linear-attention scans (MambaLRP): the scan functions of transformers'
   modeling files are called with their parameter arguments detached (:data:`SCAN_PARAMETERS`), so
   the scan is a linear map of its input and the plain gradient is the epsilon rule.
+* ``baddbmm`` (BLOOM's scores with their ALiBi bias): the bias is a constant summand (plain gradient),
+  the product of two relevance-carrying batches gets half the gradient; an ``einsum`` of ``N``
+  relevance-carrying operands gets ``1/N`` of the gradient;
+* T5's relative attention biases (embeddings named ``*relative_attention_bias``) are constants, not
+  inputs; an embedding module called twice gives two inputs (``name`` and ``name#1``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from torch.overrides import TorchFunctionMode
 
 def _half_gradient(out):
     return 0.5 * out + 0.5 * out.detach()
+
+
+def _shared_gradient(out, count):
+    """Forward value ``out``, ``1 / count`` of its gradient."""
+    return out / count + out.detach() * (1 - 1 / count)
 
 
 def _with_gradient_ratio(x, y):
@@ -113,7 +123,20 @@ class GxIMode(TorchFunctionMode):
             return exact.detach() + (y - y.detach())
         if func is F.scaled_dot_product_attention:
             return self._attention(*args, **kwargs)
+        if func in (torch.baddbmm, torch.Tensor.baddbmm):
+            return self._baddbmm(*args, **kwargs)
+        if func is torch.einsum and sum(_rg(a) for a in args[1:]) > 1:
+            return _shared_gradient(func(*args, **kwargs), sum(_rg(a) for a in args[1:]))
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _baddbmm(bias, batch1, batch2, beta=1.0, alpha=1.0):
+        exact = torch.baddbmm(bias, batch1, batch2, beta=beta, alpha=alpha)
+        product = torch.bmm(batch1, batch2)
+        if _rg(batch1) and _rg(batch2):
+            product = _half_gradient(product)
+        y = beta * bias + alpha * product
+        return exact.detach() + (y - y.detach())
 
     def _attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         exact = F.scaled_dot_product_attention(
@@ -146,7 +169,7 @@ class GxIMode(TorchFunctionMode):
 
 
 def _is_activation_module(module: nn.Module) -> bool:
-    return type(module).__module__ == "transformers.activations" or isinstance(
+    return type(module).__module__ == "transformers.activations" or type(module).__name__ == "BloomGelu" or isinstance(
         module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid)
     )
 
@@ -229,11 +252,14 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bo
     for name, module in model.named_modules():
         if cp and type(module).__name__.endswith("Router"):  # CP-LRP: routing weights are constants
             handles.append(module.register_forward_hook(lambda mod, args, output: _detached(output)))
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding) and not name.endswith("relative_attention_bias"):
 
             def to_leaf(mod, args, output, name=name):
                 output = output.detach().requires_grad_()
-                leaves[name] = output
+                key, count = name, 1
+                while key in leaves:  # a module called twice (an embedding shared by encoder and decoder)
+                    key, count = f"{name}#{count}", count + 1
+                leaves[key] = output
                 return output
 
             handles.append(module.register_forward_hook(to_leaf))

@@ -14,6 +14,7 @@ import transformers
 
 import lxt_explicit as lxt
 from lxt_explicit.presets import is_rms_norm
+from lxt_explicit.rules import Rule, RuleDeclined
 from lxt_explicit.support import FamilyRecord, Sweep, check_family, families, render_markdown, summary, tiny_config
 from lxt_explicit.support.command import main
 from lxt_explicit.support.configs import config_kwargs
@@ -37,16 +38,24 @@ def test_fast_subset_is_verified(family):
     assert record.parameters > 0 and record.errors == {}
 
 
+class _Declines(Rule):
+    """A rule that covers nothing: the op it is given for is unhandled."""
+
+    def explain_call(self, fn, args, kwargs):
+        raise RuleDeclined("declined on purpose")
+
+
 def test_a_missing_rule_is_named_with_its_op_and_module_class():
-    # RMS norms without their rule: the norm's own torch ops are on the relevance path without one
-    no_norm_rule = {is_rms_norm: None}
+    # RMS norms without their rule, and the root without a rule: the norm's own torch ops are on the
+    # relevance path without one
+    no_norm_rule, no_root_rule = {is_rms_norm: None}, {"root": _Declines()}
     methods = {
-        "attnlrp": functools.partial(lxt.attnlrp, layer_map=no_norm_rule),
-        "cp_lrp": functools.partial(lxt.cp_lrp, layer_map=no_norm_rule),
+        "attnlrp": functools.partial(lxt.attnlrp, layer_map=no_norm_rule, ops=no_root_rule),
+        "cp_lrp": functools.partial(lxt.cp_lrp, layer_map=no_norm_rule, ops=no_root_rule),
     }
     record = check_family("llama", task("causal-lm"), methods=methods)
     assert record.status == "gaps"
-    assert "Tensor.pow (LlamaRMSNorm)" in record.unhandled["attnlrp"]
+    assert "torch.rsqrt (LlamaRMSNorm)" in record.unhandled["attnlrp"]
     assert any("no rule for" in gap and "(LlamaRMSNorm)" in gap for gap in record.gaps)
     assert record.conservation > 1e-6  # the plain gradient through the norm does not conserve
     assert any(gap.startswith("CP-LRP conservation error") for gap in record.gaps)

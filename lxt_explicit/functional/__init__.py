@@ -20,6 +20,7 @@ blocks), the equation is also written out plainly (:func:`linear_relevance`,
 :func:`add_relevance`, :func:`attention_relevance`) and the tests compare the two.
 """
 
+from .addmm import matmul_add, matmul_add_relevance
 from .attention import attention_relevance, blocked_attention_relevance, mask_is_pure, scaled_dot_product_attention
 from .elementwise import (
     NotElementWise,
@@ -63,4 +64,6 @@ __all__ = [
     "blocked_attention_relevance",
     "grouped_linear_relevance",
     "NotElementWise",
+    "matmul_add",
+    "matmul_add_relevance",
 ]

@@ -95,6 +95,30 @@ def _grouped_mm(rule, fn, args, kwargs):
     return lf.grouped_linear_epsilon(x, weight, offs, epsilon=rule.epsilon)
 
 
+_BATCH_SUMS = frozenset({torch.addbmm, Tensor.addbmm})
+_MATRIX_PRODUCTS = frozenset({torch.addmm, Tensor.addmm})
+
+
+def _matmul_add(rule, fn, args, kwargs):
+    """``torch.baddbmm``, ``torch.addbmm`` and ``torch.addmm``: ``beta * input + alpha * (mat1 @ mat2)``."""
+    names = ("input", "mat1", "mat2") if fn in _MATRIX_PRODUCTS else ("input", "batch1", "batch2")
+    c, a, b = (argument(args, kwargs, i, name) for i, name in enumerate(names))
+    if kwargs.get("out") is not None or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise RuleDeclined(f"{describe(fn)} is covered for two tensor factors and no out= only")
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    return lf.matmul_add(c, a, b, beta=beta, alpha=alpha, batch_sum=fn in _BATCH_SUMS, epsilon=rule.epsilon)
+
+
+def _addmm_uniform(rule, fn, args, kwargs):
+    """``torch.addmm`` as a linear layer (the fast path) or, in general, as :func:`_matmul_add`."""
+    bias, weight = argument(args, kwargs, 0, "input"), argument(args, kwargs, 2, "mat2")
+    if kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and not carries_relevance(bias) and not (
+        carries_relevance(weight)
+    ):
+        return _addmm(rule, fn, args, kwargs)
+    return _matmul_add(rule, fn, args, kwargs)
+
+
 def _matmul(rule, fn, args, kwargs):
     a, b = _binary(fn, args, kwargs)
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
@@ -160,7 +184,10 @@ class UniformEpsilonRule(EpsilonRule):
     The rule of bilinear operations such as matrix products of two
     relevance-carrying operands (AttnLRP Proposition 3.3).  With one
     relevance-carrying input it is the epsilon rule: linear layers, convolutions
-    and matrix products with a constant operand.
+    and matrix products with a constant operand.  A product added to a scaled summand
+    (``torch.baddbmm``, ``torch.addbmm``, ``torch.addmm``; BLOOM's attention scores with their
+    ALiBi bias) runs :func:`~lxt_explicit.functional.matmul_add`: the epsilon rule of the sum, in
+    which a constant summand absorbs its share, then this rule on the product.
 
     Parameters
     ----------
@@ -168,7 +195,15 @@ class UniformEpsilonRule(EpsilonRule):
         Stabilizer of the denominator.
     """
 
-    calls = MappingProxyType({**_LINEAR_CALLS, **_call_table(("matmul", _matmul), ("grouped_mm", _grouped_mm))})
+    calls = MappingProxyType({
+        **_LINEAR_CALLS, **_call_table(("matmul", _matmul), ("grouped_mm", _grouped_mm), ("matmul_add", _matmul_add)),
+        torch.addmm: _addmm_uniform,
+    })
+
+    def apply(self, fn, args, kwargs):
+        if fn is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
+            args = (args[0], *args[1])  # operands given as one list: the same call with separate operands
+        return super().apply(fn, args, kwargs)
 
     def share(self, ctx) -> float:
         return 1.0 / sum(ctx.needs)
