@@ -1,5 +1,8 @@
 """Per-token attribution methods compared by the benchmarks, all explaining one next-token logit.
 
+The methods are those of :mod:`lxt_explicit.evaluate.baselines` (the library's evaluation module);
+this file names them for the benchmark scripts and keeps their historical call signatures.
+
 Every method explains the same quantity, ``model(...).logits[0, -1, token]`` (the logit of ``token``
 at the last position), and returns one score per input token, float32, on the CPU:
 
@@ -36,16 +39,17 @@ needs gradients with respect to the input only.  Only the last position's logits
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 import lxt_explicit as lxt
+from lxt_explicit.evaluate import baselines
+from lxt_explicit.evaluate import target as target_module
+from lxt_explicit.evaluate.perturbation import perturbed_values
+from lxt_explicit.evaluate.target import Target
 
 #: Every method :func:`attribute` knows, in the order the result tables list them.
 METHODS = (
@@ -126,42 +130,23 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------------ helpers
+# The methods themselves live in the library (lxt_explicit.evaluate.baselines); these wrappers keep the
+# benchmarks' historical signatures (a token id instead of a Target, positional options).
 
 
 def embedding_name(model: nn.Module) -> str:
     """Name of the token-embedding module inside ``model`` (where LRP relevance is read)."""
-    embedding = model.get_input_embeddings()
-    return next(name for name, module in model.named_modules() if module is embedding)
+    return target_module.embedding_name(model)
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The token embeddings of ``input_ids`` (detached)."""
-    with torch.no_grad():
-        return model.get_input_embeddings()(input_ids).detach()
+    return target_module.embed(model, input_ids)
 
 
 def logit_function(model: nn.Module, token: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``embeddings [batch, tokens, hidden] -> logit of token at the last position [batch]``.
-
-    The embeddings are cast to the model's dtype (Captum's SmoothGrad adds float32 noise).
-    """
-    dtype = model.get_input_embeddings().weight.dtype
-
-    def forward(embeddings: torch.Tensor) -> torch.Tensor:
-        return model(inputs_embeds=embeddings.to(dtype), use_cache=False, logits_to_keep=1).logits[:, -1, token]
-
-    return forward
-
-
-@contextlib.contextmanager
-def attention_implementation(model: nn.Module, name: str) -> Iterator[nn.Module]:
-    """Switch ``model`` to attention implementation ``name`` inside a ``with`` block."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
+    """``embeddings [batch, tokens, hidden] -> logit of token at the last position [batch]``."""
+    return baselines.value_function(model, Target(token))
 
 
 def perturbed_logits(
@@ -173,63 +158,13 @@ def perturbed_logits(
     batch: int,
     reuse_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit and log-probability of ``token`` after replacing masked embeddings by ``baseline``.
+    """Logit and log-probability of ``token`` (last position) after replacing masked embeddings by ``baseline``.
 
-    Parameters
-    ----------
-    model : transformers.PreTrainedModel
-        The causal language model.
-    embeddings : torch.Tensor
-        Token embeddings of one prompt, ``[1, tokens, hidden]``.
-    masks : torch.Tensor
-        ``[n, tokens]`` bool: which positions to replace, one row per perturbed copy.
-    baseline : torch.Tensor
-        ``[hidden]``: the embedding that replaces the masked ones.
-    token : int
-        The token whose logit is tracked (at the last position).
-    batch : int
-        Copies per forward pass.
-    reuse_prefix : bool
-        Run the positions before the first masked one once and reuse their keys and values (a
-        causal model's prefix does not depend on what follows) instead of once per copy.
-
-    Returns
-    -------
-    logits, log_probabilities : torch.Tensor
-        ``[n]`` each, float32 on the CPU.
+    :func:`lxt_explicit.evaluate.perturbation.perturbed_values`; ``[n]`` each, float32 on the CPU.
     """
-    logits, log_probs = [], []
-    baseline = baseline.to(device=embeddings.device, dtype=embeddings.dtype)
-    touched = masks.any(0).nonzero()
-    prefix = min(int(touched[0]), embeddings.shape[1] - 1) if reuse_prefix and len(touched) else 0
-    with torch.no_grad():
-        cache = _cache_of(model(inputs_embeds=embeddings[:, :prefix], use_cache=True)) if prefix else None
-        for chunk in masks.split(batch):
-            chunk = chunk[:, prefix:].to(embeddings.device)[..., None]
-            copies = torch.where(chunk, baseline, embeddings[:, prefix:].expand(len(chunk), -1, -1))
-            past = None
-            if cache is not None:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(len(chunk))
-            cache_argument = _cache_argument(model, past)
-            output = model(inputs_embeds=copies, use_cache=past is not None, logits_to_keep=1, **cache_argument)
-            last = output.logits[:, -1].float()
-            logits.append(last[:, token].cpu())
-            log_probs.append(torch.log_softmax(last, -1)[:, token].cpu())
-    return torch.cat(logits), torch.cat(log_probs)
-
-
-def _cache_of(output):
-    """The key/value cache of a model output (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
-def _cache_argument(model: nn.Module, cache) -> dict:
-    """``{'cache': cache}`` or ``{'past_key_values': cache}``, whichever ``model.forward`` takes."""
-    if cache is None:
-        return {}
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    values, probabilities = perturbed_values(model, embeddings, masks, baseline, Target(token), batch,
+                                             reuse_prefix=reuse_prefix)
+    return values.float(), probabilities.log().float()
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -247,9 +182,11 @@ def lrp(
     ``all_logits`` computes the logits of every position (as ``explain()`` did before it kept only
     the explained ones): the relevance is the same, the cost is not.
     """
+    if not all_logits:
+        return baselines.lrp(model, input_ids, Target(token), composite=preset())
     composite = preset()
     with torch.enable_grad(), composite.context(model):
-        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=0 if all_logits else 1).logits
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=0).logits
         target = logits[0, -1, token]
         target.backward(target.detach())
         relevance = composite.source_relevance()[embedding_name(model)]
@@ -258,61 +195,29 @@ def lrp(
 
 def gradient(model: nn.Module, input_ids: torch.Tensor, token: int) -> torch.Tensor:
     """L2 norm of the gradient with respect to each token embedding."""
-    embeddings = embed(model, input_ids).requires_grad_()
-    with torch.enable_grad():
-        logit_function(model, token)(embeddings).sum().backward()
-    return embeddings.grad[0].float().norm(dim=-1).cpu()
+    return baselines.gradient(model, input_ids, Target(token))
 
 
 def input_x_gradient(model: nn.Module, input_ids: torch.Tensor, token: int) -> torch.Tensor:
-    """Captum's Input x Gradient on the token embeddings, summed over the hidden dimension."""
-    from captum.attr import InputXGradient
-
-    embeddings = embed(model, input_ids).requires_grad_()
-    attributions = InputXGradient(logit_function(model, token)).attribute(embeddings)
-    return attributions[0].float().sum(-1).cpu()
+    """Input x Gradient on the token embeddings, summed over the hidden dimension."""
+    return baselines.input_x_gradient(model, input_ids, Target(token))
 
 
 def integrated_gradients(model: nn.Module, input_ids: torch.Tensor, token: int, steps: int, batch: int) -> torch.Tensor:
     """Captum's Integrated Gradients on the token embeddings from a zero baseline, summed over hidden."""
-    from captum.attr import IntegratedGradients
-
-    embeddings = embed(model, input_ids)
-    attributions = IntegratedGradients(logit_function(model, token)).attribute(
-        embeddings, baselines=torch.zeros_like(embeddings), n_steps=steps, internal_batch_size=batch
-    )
-    return attributions[0].float().sum(-1).cpu()
+    return baselines.integrated_gradients(model, input_ids, Target(token), steps=steps, batch=batch)
 
 
 def smoothgrad(
     model: nn.Module, input_ids: torch.Tensor, token: int, samples: int, batch: int, noise: float, seed: int
 ) -> torch.Tensor:
     """SmoothGrad (Captum ``NoiseTunnel`` over ``Saliency``), reduced per token by the L2 norm."""
-    from captum.attr import NoiseTunnel, Saliency
-
-    embeddings = embed(model, input_ids)
-    std = noise * float(embeddings.max() - embeddings.min())
-    devices = [embeddings.device] if embeddings.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        attributions = NoiseTunnel(Saliency(logit_function(model, token))).attribute(
-            embeddings, nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=batch, stdevs=std, abs=False
-        )
-    return attributions[0].float().norm(dim=-1).cpu()
+    return baselines.smoothgrad(model, input_ids, Target(token), samples=samples, batch=batch, noise=noise, seed=seed)
 
 
 def attention_rollout(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Attention rollout of the last position (head-averaged attention plus identity, per layer)."""
-    with torch.no_grad(), attention_implementation(model, "eager"):
-        attentions = model(input_ids=input_ids, use_cache=False, output_attentions=True, logits_to_keep=1).attentions
-    length = input_ids.shape[1]
-    row = torch.zeros(length, dtype=torch.float32, device=input_ids.device)
-    row[-1] = 1.0
-    identity = torch.eye(length, dtype=torch.float32, device=input_ids.device)
-    for attention in reversed(attentions):  # row <- row @ A_L @ ... @ A_1, without forming the product
-        mixed = 0.5 * attention[0].float().mean(0) + 0.5 * identity
-        row = row @ (mixed / mixed.sum(-1, keepdim=True))
-    return row.cpu()
+    return baselines.attention_rollout(model, input_ids, Target(0))
 
 
 def occlusion(
@@ -327,16 +232,7 @@ def occlusion(
 
     Positions not in ``positions`` (default: all) get the score 0.
     """
-    embeddings = embed(model, input_ids)
-    length = embeddings.shape[1]
-    positions = list(range(length)) if positions is None else list(positions)
-    baseline = torch.zeros(embeddings.shape[-1], device=embeddings.device) if baseline is None else baseline
-    masks = torch.zeros(len(positions) + 1, length, dtype=torch.bool)  # row 0: nothing occluded
-    masks[torch.arange(1, len(positions) + 1), torch.tensor(positions, dtype=torch.long)] = True
-    logits, _ = perturbed_logits(model, embeddings, masks, baseline, token, batch)
-    scores = torch.zeros(length)
-    scores[positions] = logits[0] - logits[1:]
-    return scores
+    return baselines.occlusion(model, input_ids, Target(token), positions=positions, replacement=baseline, batch=batch)
 
 
 def random_scores(length: int, seed: int) -> torch.Tensor:

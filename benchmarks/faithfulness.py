@@ -52,6 +52,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from attributions import COLORS, LABELS, METHODS, Settings  # noqa: E402
 
+from lxt_explicit.evaluate import perturbation, statistics  # noqa: E402
+
 QUANTITIES = ("logit", "probability")
 
 
@@ -123,25 +125,12 @@ def prepare(model, tokenizer, item) -> Prompt:
 
 def removal_counts(n: int, steps: int) -> list[int]:
     """How many of ``n`` context tokens are removed after each of ``steps`` equal steps (starting at 0)."""
-    return [int(np.floor(n * k / steps + 0.5)) for k in range(steps + 1)]
+    return perturbation.removal_counts(n, steps)
 
 
 def removal_masks(scores: torch.Tensor, context: list[int], length: int, steps: int) -> dict[str, torch.Tensor]:
-    """``{'morf': masks, 'lerf': masks}``, each ``[steps + 1, length]`` bool: the removed positions per step.
-
-    MoRF removes the context tokens in order of decreasing score, LeRF in order of increasing score
-    (ties keep the positions' order).
-    """
-    positions = torch.tensor(context)
-    ranked = positions[torch.argsort(scores[positions], descending=True, stable=True)]
-    orders = {"morf": ranked, "lerf": positions[torch.argsort(scores[positions], stable=True)]}
-    masks = {}
-    for name, order in orders.items():
-        rows = torch.zeros(steps + 1, length, dtype=torch.bool)
-        for row, count in enumerate(removal_counts(len(context), steps)):
-            rows[row, order[:count]] = True
-        masks[name] = rows
-    return masks
+    """``{"morf": masks, "lerf": masks}``, each ``[steps + 1, length]`` bool (``lxt_explicit.evaluate``)."""
+    return perturbation.removal_masks(scores, context, length, steps)
 
 
 def curves(model, prompt: Prompt, scores: dict, baseline: torch.Tensor, steps: int, batch: int) -> dict:
@@ -174,15 +163,14 @@ def curves(model, prompt: Prompt, scores: dict, baseline: torch.Tensor, steps: i
 def area_between(curve: dict, quantity: str) -> dict:
     """Areas under the MoRF and LeRF curves (normalized by the unperturbed value) and between them.
 
-    ``quantity`` is ``'logit'`` or ``'probability'``; the removed fraction runs from 0 to 1.
+    ``quantity`` is ``'logit'`` or ``'probability'``; the removed fraction runs from 0 to 1
+    (:func:`lxt_explicit.evaluate.area_between`).
     """
     key = "logit" if quantity == "logit" else "log_probability"
     values = {o: np.array(curve[o][key], dtype=np.float64) for o in ("morf", "lerf")}
     if quantity == "probability":
         values = {o: np.exp(v) for o, v in values.items()}
-    fractions = np.linspace(0.0, 1.0, len(values["morf"]))
-    areas = {o: float(np.trapezoid(v / v[0], fractions)) for o, v in values.items()}
-    return {"auc_morf": areas["morf"], "auc_lerf": areas["lerf"], "abpc": areas["lerf"] - areas["morf"]}
+    return perturbation.area_between(values["morf"], values["lerf"])
 
 
 # ------------------------------------------------------------------------------------ plausibility
@@ -199,12 +187,8 @@ def answer_rank(scores: torch.Tensor, prompt: Prompt) -> int:
 
 
 def bootstrap_ci(values, resamples: int, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and the percentile bootstrap confidence interval of the mean."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(1)
-    tail = (1.0 - level) / 2.0
-    return float(values.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+    """Mean of ``values`` and its percentile bootstrap interval (``lxt_explicit.evaluate.bootstrap``)."""
+    return tuple(statistics.bootstrap(values, resamples=resamples, seed=seed, level=level))
 
 
 def summarize(records: list[dict], methods, baselines, resamples: int) -> dict:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import attributions  # noqa: E402
 import common  # noqa: E402
+import evaluation  # noqa: E402
 import faithfulness  # noqa: E402
 import overhead  # noqa: E402
 import speed  # noqa: E402
@@ -168,3 +169,21 @@ def test_word_tokenizer_gives_back_the_ids():
     tokenizer = common.word_tokenizer(300)
     ids = torch.tensor([[0, 299, 17, 17, 5]])
     assert tokenizer(common.ids_as_text(ids), add_special_tokens=False)["input_ids"] == ids[0].tolist()
+
+
+@pytest.mark.real_model
+def test_evaluation_smoke(tmp_path):
+    skip_without_smollm2()  # the tiny random model uses SmolLM2's tokenizer
+    assert evaluation.main(["--smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "evaluation.json").read_text())
+    assert results["environment"]["commit"] and results["command"].startswith("python benchmarks/evaluation.py")
+    entities = results["entities"]["summary"]
+    assert set(entities) == set(evaluation.METHODS) and entities["attnlrp"]["minus_reference"] is None
+    for entry in entities.values():
+        assert entry["abpc"][1] <= entry["abpc"][0] + 1e-12 <= entry["abpc"][2] + 2e-12
+    causal = results["agreement"]["causal"]
+    assert causal["items"] == 2 * 5 and 0 <= causal["accuracy"] <= 1
+    assert set(results["patching"]["correlations"]["heads"]) == {"attnlrp", "cp_lrp", "attribution_patching"}
+    assert results["reading"]["largest_abpc_difference"] < 1e-9  # the published areas are the module's
+    table = (tmp_path / "evaluation.md").read_text()
+    assert "| AttnLRP |" in table and "Pearson" in table

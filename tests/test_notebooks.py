@@ -28,6 +28,7 @@ EXPECTED = (
     "04_inside_the_model",
     "05_zennit_and_vision",
     "06_inseq_and_captum",
+    "08_evaluating_explanations",
 )
 CELL_TIMEOUT_S = 600
 

@@ -1,0 +1,353 @@
+"""lxt_explicit.evaluate: every metric against hand-computed values on tiny cases, and the methods on tiny models."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tiny_language_model as tlm
+import torch
+from torch import nn
+
+import lxt_explicit as lxt
+from lxt_explicit import evaluate
+from lxt_explicit.evaluate import Target, baselines, patching, perturbation, statistics
+from lxt_explicit.evaluate.agreement import AgreementItem, agreement_items, subject_metrics
+from lxt_explicit.explain import explain
+
+
+class SumModel(nn.Module):
+    """logit of token 0 at every position = sum of the (1-dim) embeddings seen so far; logit of token 1 = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4, 1)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64))
+        self.requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        first = x[..., 0].cumsum(-1)
+        return SimpleNamespace(logits=torch.stack([first, torch.zeros_like(first)], -1))
+
+
+# ------------------------------------------------------------------------------------ perturbation curves
+
+
+def test_a_curve_on_four_tokens_by_hand():
+    model, ids = SumModel().double(), torch.tensor([[0, 1, 2, 3]])  # embeddings 1, 2, 3, 4: logit 10
+    relevance = torch.tensor([0.1, 0.4, 0.3, 0.2])  # MoRF removes positions 1, 2, 3, 0; LeRF 0, 3, 2, 1
+    curves = evaluate.perturbation_curves(model, ids, 0, relevance, steps=4)
+    assert curves.morf.tolist() == [10.0, 8.0, 5.0, 1.0, 0.0]
+    assert curves.lerf.tolist() == [10.0, 9.0, 5.0, 2.0, 0.0]
+    np.testing.assert_allclose(curves.morf_probability, 1 / (1 + np.exp(-np.array([10.0, 8, 5, 1, 0]))), rtol=1e-12)
+    # trapezoid over fractions 0, 1/4, ..., 1 of the curves divided by 10
+    assert curves.areas()["auc_morf"] == pytest.approx(0.25 * (0.9 + 0.65 + 0.3 + 0.05), rel=1e-12)
+    assert curves.areas()["auc_lerf"] == pytest.approx(0.25 * (0.95 + 0.7 + 0.35 + 0.1), rel=1e-12)
+    assert curves.abpc == pytest.approx(0.05, rel=1e-10)
+    mean = evaluate.perturbation_curves(model, ids, 0, relevance, steps=4, removal="mean")  # mean embedding 2.5
+    assert mean.morf.tolist() == [10.0, 10.5, 10.0, 8.5, 10.0]
+    token = evaluate.perturbation_curves(model, ids, 0, relevance, steps=2, removal=3)  # 'mask' token: embedding 4
+    assert token.morf.tolist() == [10.0, 10 - 2 - 3 + 8, 16.0] and token.fractions.tolist() == [0.0, 0.5, 1.0]
+    only = evaluate.perturbation_curves(model, ids, 0, relevance, steps=2, positions=[0, 3])
+    assert only.morf.tolist() == [10.0, 6.0, 5.0] and only.lerf.tolist() == [10.0, 9.0, 5.0]
+
+
+def test_several_rankings_share_one_batched_run_and_areas_are_literal():
+    model, ids = SumModel().double(), torch.tensor([[0, 1, 2, 3]])
+    rankings = {"a": torch.tensor([0.1, 0.4, 0.3, 0.2]), "b": torch.tensor([4.0, 3.0, 2.0, 1.0])}
+    both = evaluate.perturbation_curves(model, ids, 0, rankings, steps=4, batch=3)
+    assert both["b"].morf.tolist() == [10.0, 9.0, 7.0, 4.0, 0.0]
+    assert both["a"].morf.tolist() == evaluate.perturbation_curves(model, ids, 0, rankings["a"], steps=4).morf.tolist()
+    assert perturbation.removal_counts(5, 2) == [0, 3, 5] and perturbation.removal_counts(25, 10)[1:3] == [3, 5]
+    areas = evaluate.area_between([10.0, 5.0, 0.0], [10.0, 10.0, 0.0])
+    assert areas == pytest.approx({"auc_morf": 0.5, "auc_lerf": 0.75, "abpc": 0.25})
+    assert evaluate.area_between([-4.0, -2.0], [-4.0, -4.0])["abpc"] == pytest.approx(-0.25)  # |v0| keeps the sign
+    with pytest.raises(ValueError, match="normalize=False"):
+        evaluate.area_between([0.0, 1.0], [0.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate.removal_masks(torch.tensor([1.0, float("nan")]), [0, 1], 2, 2)
+    with pytest.raises(ValueError, match="2 scores for 4 tokens"):
+        evaluate.perturbation_curves(model, ids, 0, torch.ones(2))
+
+
+def test_reusing_the_prefix_of_a_causal_model_changes_nothing():
+    model = tlm.model(dtype=torch.float64).requires_grad_(False)
+    ids = torch.tensor([[6, 7, 8, 9, 10, 11, 12, 13]])
+    embeddings = evaluate.target.embed(model, ids)
+    masks = torch.zeros(5, 8, dtype=torch.bool)
+    masks[1:, 3] = True
+    masks[2:, 5:7] = True
+    replacement = torch.randn(32, dtype=torch.float64)
+    cached = perturbation.perturbed_values(model, embeddings, masks, replacement, Target(4, -1, 5), batch=2)
+    plain = perturbation.perturbed_values(model, embeddings, masks, replacement, Target(4, -1, 5), reuse_prefix=False)
+    with torch.no_grad():
+        copies = torch.where(masks[..., None], replacement, embeddings)
+        logits = model(inputs_embeds=copies).logits[:, -1]
+    torch.testing.assert_close(plain[0], logits[:, 4] - logits[:, 5], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cached[0], plain[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cached[1], plain[1], rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def test_bootstrap_paired_difference_and_pearson_by_hand():
+    interval = statistics.bootstrap([2.0, 2.0, 2.0], resamples=50)
+    assert tuple(interval) == (2.0, 2.0, 2.0)
+    interval = statistics.bootstrap([1.0, 2.0, 3.0, 4.0], resamples=2000, seed=3)
+    assert interval.mean == 2.5 and 1.0 <= interval.low < 2.5 < interval.high <= 4.0
+    assert interval == statistics.bootstrap([1.0, 2.0, 3.0, 4.0], resamples=2000, seed=3)  # reproducible
+    difference = statistics.paired_difference([3.0, 5.0, 4.0], [1.0, 3.0, 2.0], resamples=100)
+    assert tuple(difference) == (2.0, 2.0, 2.0)  # the same shift on every prompt: no spread at all
+    assert statistics.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 114 / 9), rel=1e-12)
+    assert statistics.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert interval.format() == f"2.500 [{interval.low:.3f}, {interval.high:.3f}]"
+    with pytest.raises(ValueError, match="constant"):
+        statistics.pearson([1, 1, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="same prompts"):
+        statistics.paired_difference([1.0, 2.0], [1.0])
+
+
+# ------------------------------------------------------------------------------------ agreement
+
+
+def test_agreement_metrics_on_three_items_by_hand():
+    first = subject_metrics(torch.tensor([0.1, 0.5, 0.2, 0.3]), [1], [0, 1, 2, 3])
+    second = subject_metrics(torch.tensor([0.4, 0.1, 0.3, -0.2]), [2, 3], [0, 1, 2, 3])
+    third = subject_metrics(torch.tensor([-1.0, 2.0, 1.0, 0.5]), [0], [0, 1, 2, 3])
+    assert first == pytest.approx({"reciprocal_rank": 1.0, "pointing": 1.0, "mass": 0.5 / 1.1})
+    assert second == pytest.approx({"reciprocal_rank": 0.5, "pointing": 0.0, "mass": 0.3 / 0.8})
+    assert third == pytest.approx({"reciprocal_rank": 0.25, "pointing": 0.0, "mass": 0.0})
+    mrr = np.mean([m["reciprocal_rank"] for m in (first, second, third)])
+    assert mrr == pytest.approx((1 + 0.5 + 0.25) / 3)
+    restricted = subject_metrics(torch.tensor([9.0, 0.5, 0.2, 0.3]), [1], [1, 2, 3])  # position 0 not a candidate
+    assert restricted["reciprocal_rank"] == 1.0
+    with pytest.raises(ValueError, match="among the candidates"):
+        subject_metrics(torch.zeros(4), [0], [1, 2])
+
+
+def test_generated_agreement_items_have_attractors_of_the_other_number():
+    items = agreement_items(4, seed=1)
+    assert len(items) == 4 * len(evaluate.agreement.templates())
+    assert items == agreement_items(4, seed=1)
+    for item in items:
+        start, end = item.subject
+        noun = item.prefix[start:end]
+        assert item.prefix.startswith("The ") and noun.endswith("s") == item.plural or noun == "children"
+        assert {item.correct, item.wrong} in ({"is", "are"}, {"was", "were"}, {"has", "have"})
+        assert (item.correct in ("are", "were", "have")) == item.plural
+        if item.template != "simple":
+            after_the = item.prefix.split()[item.prefix.split().index("the") + 1:]
+            attractor = after_the[1] if after_the[0] == "old" else after_the[0]
+            assert attractor.endswith("s") != item.plural, item
+    assert AgreementItem("The key", "is", "are", " here.", (4, 7)).masked_text("[MASK]") == "The key [MASK] here."
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "[MASK]", *sorted(set(words))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                   mask_token="[MASK]")
+
+
+def test_evaluate_agreement_scores_only_correct_predictions_with_any_callable():
+    items = agreement_items(2, seed=0)
+    words = " ".join(i.prefix + " " + i.correct + " " + i.wrong for i in items).split()
+    tokenizer = _word_tokenizer(words)
+    model = tlm.model(dtype=torch.float64, vocab_size=len(tokenizer)).requires_grad_(False)
+    on_subject = lambda model, ids, target: torch.nn.functional.one_hot(torch.tensor(1), ids.shape[1]).double()
+    result = evaluate.evaluate_agreement(model, tokenizer, items, {"subject": on_subject, "random": "random"})
+    expected = []
+    for item in items:
+        ids = torch.tensor([tokenizer(item.prefix)["input_ids"]])
+        logits = model(input_ids=ids).logits[0, -1]
+        vocab = tokenizer.get_vocab()
+        expected.append(float(logits[vocab[item.correct]] - logits[vocab[item.wrong]]) > 0)
+    assert result.items == [i for i, ok in zip(items, expected) if ok] and result.accuracy == np.mean(expected)
+    assert result.values("subject").tolist() == [1.0] * len(result.items)  # "The NOUN ...": the noun is position 1
+    assert result.summary(resamples=50)["subject"]["pointing_accuracy"].mean == 1.0
+    masked = evaluate.evaluate_agreement(model, tokenizer, items, ["random"], masked=True)
+    assert masked.masked and masked.total == len(items)
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tlm.model(dtype=torch.float64).requires_grad_(False)
+    return model, torch.tensor([[6, 7, 8, 9, 10, 11]])
+
+
+def test_every_method_has_the_shared_signature(tiny):
+    model, ids = tiny
+    for name in evaluate.METHODS:
+        method = evaluate.get_method(name, **({"steps": 4, "batch": 2} if name == "integrated_gradients" else {}))
+        scores = method(model, ids, Target(4, -1, 5))
+        assert scores.shape == (6,) and torch.isfinite(scores).all() and not scores.requires_grad, name
+    assert model.config._attn_implementation == "sdpa" and not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="your own callable"):
+        evaluate.get_method("lime")
+    with pytest.raises(ValueError, match=r"\[1, tokens\]"):
+        baselines.gradient(model, ids[0], 4)
+
+
+def test_lrp_equals_explain_and_input_x_gradient_is_literal(tiny):
+    model, ids = tiny
+    tokenizer = tlm.tokenizer()
+    text = "the capital of france is"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    reference = explain(model, tokenizer, text, target=" paris", contrast=" london")
+    target = Target(tokenizer.convert_tokens_to_ids("paris"), -1, tokenizer.convert_tokens_to_ids("london"))
+    torch.testing.assert_close(evaluate.lrp(model, ids, target), reference.relevance, rtol=1e-6, atol=1e-9)
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeddings).logits[0, -1]
+    (logits[target.token] - logits[target.contrast]).backward()
+    literal = (embeddings * embeddings.grad).sum(-1)[0].float()
+    torch.testing.assert_close(baselines.input_x_gradient(model, ids, target), literal)
+    torch.testing.assert_close(baselines.gradient(model, ids, target), embeddings.grad[0].norm(dim=-1).float())
+    occluded = embeddings.detach().clone()
+    occluded[0, 2] = 0
+    after = model(inputs_embeds=occluded).logits[0, -1]
+    drop = (logits[target.token] - logits[target.contrast]) - (after[target.token] - after[target.contrast])
+    assert float(baselines.occlusion(model, ids, target)[2]) == pytest.approx(float(drop.detach()), rel=1e-5)
+    assert float(baselines.attention_rollout(model, ids, target).sum()) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_target_checks_its_fields():
+    with pytest.raises(ValueError, match="contrast equals token"):
+        Target(3, -1, 3)
+    with pytest.raises(TypeError, match="integer"):
+        Target("Paris")
+    assert evaluate.target.as_target(7) == Target(7, -1, None)
+
+
+# ------------------------------------------------------------------------------------ faithfulness over prompts
+
+
+def test_evaluate_faithfulness_with_names_callables_and_precomputed_relevance():
+    model = SumModel().double()
+    prompts = [evaluate.EvaluationPrompt(torch.tensor([[0, 1, 2, 3]]), Target(0)),
+               evaluate.EvaluationPrompt(torch.tensor([[3, 2, 1, 0]]), Target(0), positions=(0, 1))]
+    given = [torch.tensor([0.1, 0.4, 0.3, 0.2]), torch.tensor([1.0, 2.0, 0.0, 0.0])]
+    own = lambda model, ids, target: ids[0].double()  # "relevance" = token id
+    result = evaluate.evaluate_faithfulness(model, prompts, {"given": given, "own": own, "random": "random"}, steps=4,
+                                            removals=("zero", "mean"))
+    assert result.methods == ["given", "own", "random"] and result.removals == ["zero", "mean"]
+    # second prompt: embeddings 4, 3, 2, 1, only positions 0 and 1 ranked; 1, 1, 2, 2 of them removed after steps 1-4
+    # MoRF (position 1 first): 10, 7, 7, 3, 3; LeRF (position 0 first): 10, 6, 6, 3, 3
+    second = 0.25 * (1.6 / 2 + 1.2 / 2 + 0.9 / 2 + 0.6 / 2) - 0.25 * (1.7 / 2 + 1.4 / 2 + 1.0 / 2 + 0.6 / 2)
+    assert result.scores("given").tolist() == pytest.approx([0.05, second], rel=1e-10)
+    summary = result.summary(reference="given", resamples=100)
+    assert summary["given"]["minus_reference"] is None and summary["given"]["abpc"].mean == pytest.approx(
+        np.mean(result.scores("given")))
+    paired = summary["own"]["minus_reference"].mean
+    assert paired == pytest.approx(np.mean(result.scores("own") - result.scores("given")))
+    assert result.relevance["own"][1].tolist() == [3.0, 2.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="1 entries for 2 prompts"):
+        evaluate.evaluate_faithfulness(model, prompts, {"given": given[:1]})
+
+
+# ------------------------------------------------------------------------------------ patching
+
+
+class LinearBlocks(nn.Module):
+    """Embedding -> per block: x += down_proj(up_proj(x)) -> head.  The logits are linear in every MLP unit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(6, 4)
+        self.layers = nn.ModuleList(nn.Module() for _ in range(2))
+        for layer in self.layers:
+            layer.mlp = nn.Module()
+            layer.mlp.up_proj = nn.Linear(4, 5, bias=False)
+            layer.mlp.down_proj = nn.Linear(5, 4, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+        self.double().requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = x + layer.mlp.down_proj(layer.mlp.up_proj(x))
+        return SimpleNamespace(logits=self.head(x))
+
+
+def test_on_a_linear_model_patching_attribution_and_relevance_patching_agree_exactly():
+    model = LinearBlocks()
+    prompt = patching.PatchingPrompt(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 4, 5]]), Target(0, -1, 1))
+    effects = patching.activation_patching(model, "mlp:0", prompt, batch=2)
+    # by hand: patch neuron n of block 0 and run the model again
+    clean = model(input_ids=prompt.clean_ids).logits
+    up = model.layers[0].mlp.up_proj
+    a_clean, a_corrupt = up(model.embed(prompt.clean_ids)), up(model.embed(prompt.corrupt_ids))
+    for n in range(5):
+        handle = model.layers[0].mlp.down_proj.register_forward_pre_hook(
+            lambda m, args, n=n: (torch.cat([args[0][..., :n], a_corrupt[..., n : n + 1], args[0][..., n + 1 :]], -1),))
+        patched = model(input_ids=prompt.clean_ids).logits
+        handle.remove()
+        expected = (patched[0, -1, 0] - patched[0, -1, 1]) - (clean[0, -1, 0] - clean[0, -1, 1])
+        assert float(effects[n]) == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
+    assert float((a_corrupt - a_clean).abs().sum()) > 0
+    atp = patching.attribution_patching(model, "mlp:0", prompt)
+    relp = patching.relevance_patching(model, ["mlp:0", "mlp:1"], prompt, composite=lxt.attnlrp(epsilon=1e-12))
+    torch.testing.assert_close(atp, effects, rtol=1e-9, atol=1e-12)  # linear: first order is exact
+    torch.testing.assert_close(relp["mlp:0"], effects, rtol=1e-7, atol=1e-10)  # epsilon rule, no biases: = gradient
+    result = patching.patching_scores(model, [prompt], ["mlp:0", "mlp:1"])  # the presets' default epsilon
+    assert result.effects["mlp:0"].shape == (1, 5) and result.units["mlp:1"] == list(range(5))
+    for estimate in ("attnlrp", "cp_lrp", "attribution_patching"):
+        assert result.correlation(estimate, "mlp") == pytest.approx(1.0, abs=1e-4)
+
+
+def test_head_patching_on_a_causal_model_equals_a_hand_patched_forward():
+    model = tlm.model(dtype=torch.float64).requires_grad_(False)
+    prompt = patching.PatchingPrompt(torch.tensor([[6, 7, 8, 9, 10, 11]]), torch.tensor([[6, 7, 8, 12, 10, 11]]),
+                                     Target(4, -1, 5))
+    effects = patching.activation_patching(model, "heads:1", prompt, batch=3)  # reuses positions 0-2
+    o_proj = model.model.layers[1].self_attn.o_proj
+    stored = {}
+    handle = o_proj.register_forward_pre_hook(lambda m, args: stored.setdefault("a", args[0].detach()))
+    model(input_ids=prompt.corrupt_ids)
+    handle.remove()
+    width = stored["a"].shape[-1] // model.config.num_attention_heads
+    clean = model(input_ids=prompt.clean_ids).logits[0, -1]
+    for head in range(model.config.num_attention_heads):
+        columns = slice(head * width, (head + 1) * width)
+
+        def put(module, args, columns=columns):
+            patched = args[0].clone()
+            patched[..., columns] = stored["a"][..., columns]
+            return (patched,)
+
+        handle = o_proj.register_forward_pre_hook(put)
+        logits = model(input_ids=prompt.clean_ids).logits[0, -1]
+        handle.remove()
+        expected = (logits[4] - logits[5]) - (clean[4] - clean[5])
+        assert float(effects[head]) == pytest.approx(float(expected), rel=1e-8, abs=1e-12)
+    assert patching.unit_count(model, "heads:1") == model.config.num_attention_heads
+
+
+def test_ioi_prompts_differ_in_the_second_subject_only():
+    tokenizer = _word_tokenizer("When and went to the , gave a to".split() + [
+        "Mary", "John", "Anna", "Peter", "store", "drink"])
+    data_names = set(evaluate.patching.json.loads(
+        evaluate.patching.resources.files("lxt_explicit.data").joinpath("ioi.json").read_text())["names"])
+    assert {"Mary", "John", "Anna", "Peter"} <= data_names
+    prompts = evaluate.ioi_prompts(tokenizer, 4)
+    for prompt in prompts:
+        differ = (prompt.clean_ids != prompt.corrupt_ids)[0].nonzero().flatten().tolist()
+        assert len(differ) <= 1 and prompt.target.contrast is not None
