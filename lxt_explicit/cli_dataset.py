@@ -98,9 +98,9 @@ def _device(args) -> str:
     if args.device is not None:
         return args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from .runfiles import process_group
 
-        return str(PartialState().device)
+        return str(process_group()[2].device)
     return "cpu"
 
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["RunFiles", "complete_lines", "drop_partial_line"]
+__all__ = ["RunFiles", "complete_lines", "drop_partial_line", "process_group"]
 
 _CHUNK = 1 << 20
 
@@ -66,7 +66,7 @@ def _keys(path) -> set[str]:
     return {json.dumps(json.loads(line)["id"]) for line in complete_lines(path)}
 
 
-def _process_group():
+def process_group():
     """``(process index, number of processes, accelerate state or None)`` of this run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
@@ -75,7 +75,14 @@ def _process_group():
     except ImportError:  # pragma: no cover - accelerate is a test dependency
         raise ImportError("a run on several processes (WORLD_SIZE > 1) needs accelerate: "
                           "pip install accelerate") from None
-    state = PartialState()
+    import torch
+
+    # without an accelerator, accelerate joins the processes only when told to use the CPU (gloo)
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    state = PartialState(cpu=not accelerator)
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate joined {state.num_processes} "
+                           "process(es); start the run with accelerate launch or torchrun")
     return state.process_index, state.num_processes, state
 
 
@@ -93,7 +100,7 @@ class RunFiles:
         if self.output.is_dir():
             raise ValueError(f"output {self.output} is a folder; give the path of a .jsonl file")
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.process, self.processes, self._state = _process_group()
+        self.process, self.processes, self._state = process_group()
 
     def shard(self, process: int | None = None, processes: int | None = None) -> Path:
         """The shard file of a process."""
