@@ -39,6 +39,8 @@ def add_parser(commands, *, positive, dtypes, default_model: str) -> None:
     command.add_argument("--max-new-tokens", type=positive,
                          help="explain the model's generated answer (rows without target or continuation)")
     command.add_argument("--report", type=Path, metavar="REPORT.html", help="also write an HTML report of all rows")
+    command.add_argument("--scale-without-special", action="store_true",
+                         help="in the report, leave special tokens out of each heatmap's colour scale")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -129,16 +131,33 @@ def run(args) -> int:
     if summary.process != 0:
         return 0
     written = read_rows(args.output)
-    errors = [row for row in written if row.get("error")]
-    print(f"model: {description['name']} ({args.dtype}, {device}), method: {args.method}, "
-          f"{summary.processes} process(es)")
-    print(f"explained {summary.explained} rows in {summary.seconds:.1f} s, skipped {summary.skipped} already in "
-          f"{args.output}; {len(written)} rows there, {len(errors)} with an error")
-    for row in errors[:5]:
-        print(f"  row {row['id']!r}: {row['error']}")
+    _print_summary(args, description, device, summary, written)
     if args.report is not None:
         from .report import write_report
 
-        write_report(written, args.report, title=f"{args.input.name}: {description['name']}, {args.method}")
+        write_report(written, args.report, title=f"{args.input.name}: {description['name']}, {args.method}",
+                     exclude_special=args.scale_without_special)
         print(f"wrote {args.report}")
     return 0
+
+
+def _print_summary(args, description: dict, device: str, summary, written: list[dict]) -> None:
+    from .report import dataset_summary
+
+    stats = dataset_summary(written)
+    where = "" if summary.processes == 1 else f" (process 0 of {summary.processes})"
+    print(f"model: {description['name']} ({args.dtype}, {device}), method: {args.method}, "
+          f"{summary.processes} process(es)")
+    print(f"explained {summary.explained} rows{where} in {summary.seconds:.1f} s, skipped {summary.skipped} already "
+          f"in {args.output}; {stats['rows']} rows there, {len(stats['errors'])} with an error")
+    first, special = stats["first_token_share"], stats["special_token_share"]
+    if first["count"]:
+        on_special = "n/a" if special["mean"] is None else f"{special['mean']:.3f}"
+        print(f"relevance share on the first token: mean {first['mean']:.3f}, median {first['median']:.3f}; "
+              f"on special tokens: mean {on_special}")
+    ranks = stats["answer_ranks"]
+    if ranks["count"]:
+        print(f"answer ranks of the {ranks['count']} rows with a target: mean {ranks['mean']:.2f}, "
+              f"ranked first {100 * ranks['top1']:.1f}%")
+    for error in stats["errors"][:5]:
+        print(f"  row {error['id']!r}: {error['error']}")

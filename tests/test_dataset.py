@@ -236,3 +236,50 @@ def test_two_processes_write_what_one_process_writes(tiny_folder, tmp_path):
     assert "2 process(es)" in result.stdout
     close_rows(read_rows(two), read_rows(one))
     assert not list(tmp_path.glob("two.jsonl.part-*"))
+
+
+def test_the_command_explains_a_file_and_prints_a_summary(tiny_folder, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", ROWS[:3] + [{"prompt": ""}])
+    output, report = tmp_path / "out" / "out.jsonl", tmp_path / "report.html"
+    arguments = ["explain-dataset", str(source), "--output", str(output), "--model", str(tiny_folder),
+                 "--method", "cp_lrp", "--report", str(report), "--no-progress", "--scale-without-special"]
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "explained 4 rows" in out and "1 with an error" in out and "relevance share on the first token" in out
+    assert "answer ranks of the 1 rows with a target" in out and "row 3: ValueError" in out
+    rows = read_rows(output)
+    assert [r["id"] for r in rows] == [0, "q-capital", 2, 3] and rows[0]["explanation"]["method"] == "cp_lrp"
+    assert "<section class='row'" in report.read_text()
+    assert main(arguments) == 0 and "explained 0 rows" in capsys.readouterr().out
+
+
+def dataset_errors(tiny_folder, tmp_path):
+    """(arguments, what the message must say) for the mistakes the dataset command explains."""
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS[:2])
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (tmp_path / "list.jsonl").write_text('["a"]\n')
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    model = ["--model", str(tiny_folder)]
+    out = ["--output", str(tmp_path / "out.jsonl")]
+    cases = {
+        "missing input": ([str(tmp_path / "nothing.jsonl"), *out, *model], "nothing.jsonl does not exist"),
+        "not JSON": ([str(tmp_path / "bad.jsonl"), *out, *model], "bad.jsonl line 2 is not JSON"),
+        "not an object": ([str(tmp_path / "list.jsonl"), *out, *model], "line 1 is a list, not an object"),
+        "no rows": ([str(tmp_path / "empty.jsonl"), *out, *model], "has no rows"),
+        "output is the input": ([str(good), "--output", str(good), *model], "--output is the input file"),
+        "output is a folder": ([str(good), "--output", str(tmp_path), *model], "is a folder; give a file path"),
+        "no output": ([str(good), *model], "the following arguments are required: --output"),
+        "batch size": ([str(good), *out, *model, "--batch-size", "0"], "must be at least 1"),
+        "missing model": ([str(good), *out, "--model", str(tmp_path / "no_model")], "no_model does not exist"),
+    }
+    if "per_token" not in inspect.signature(explain).parameters:
+        cases["per token"] = ([str(good), *out, *model, "--per-token"], "--per-token needs explain(per_token=True)")
+    return cases
+
+
+def test_mistakes_in_the_dataset_command_are_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys):
+    for name, (arguments, message) in dataset_errors(tiny_folder, tmp_path).items():
+        assert main(["explain-dataset", *arguments]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (name, err)
+    assert not (tmp_path / "out.jsonl").exists()
