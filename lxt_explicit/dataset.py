@@ -155,7 +155,8 @@ def _pending(rows: Iterable[Mapping], skip) -> Iterator[tuple[int, dict]]:
     seen: dict[str, int] = {}
     for index, row in enumerate(rows):
         row = dict(row) if isinstance(row, Mapping) else {"input": row}
-        row.setdefault("id", index)
+        if row.get("id") is None:  # also a missing value in a table's id column
+            row["id"] = index
         key = row_key(row["id"])
         if key in seen:
             raise ValueError(f"rows {seen[key]} and {index} have the same id {row['id']!r}; ids identify the rows "
@@ -177,7 +178,7 @@ def _explain_batch(model, tokenizer, batch: list[tuple[int, dict]], options: dic
             groups.setdefault(_request(row), []).append(position)
     for request, members in groups.items():
         results = _explain_group(model, tokenizer, [batch[m][1]["prompt"] for m in members], request, options)
-        _add_ranks(model, tokenizer, results, request)
+        _to_outputs(model, tokenizer, results, request)
         for member, result in zip(members, results):
             row = batch[member][1]
             if isinstance(result, Exception):
@@ -218,8 +219,8 @@ def _explain_group(model, tokenizer, prompts: list[str], request: tuple, options
     return results
 
 
-def _add_ranks(model, tokenizer, results: list, request: tuple) -> None:
-    """Replace explanations by their output dicts, with the answer rank for rows with a target."""
+def _to_outputs(model, tokenizer, results: list, request: tuple) -> None:
+    """Replace explanations by their output dicts (with sink shares, and answer ranks for rows with a target)."""
     ranked = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
     ranks = {}
     if request[0] is not None and request[2] is None and ranked:

@@ -35,9 +35,10 @@ def dataset_summary(rows: Iterable[Mapping]) -> dict:
     Returns
     -------
     dict
-        ``rows``, ``explained``, ``errors`` (a list of ``{'id', 'error'}``), ``first_token_share`` and
-        ``special_token_share`` (count, mean, median, min, max of the per-row shares of absolute
-        relevance, see :mod:`lxt_explicit.sinks`), ``conservation`` (the same statistics), and
+        ``rows``, ``explained``, ``errors`` (a list of ``{'id', 'error', 'position'}``, the position
+        in ``rows``), ``first_token_share`` and ``special_token_share`` (count, mean, median, min,
+        max of the per-row shares of absolute relevance, see :mod:`lxt_explicit.sinks`),
+        ``conservation`` (the same statistics), and
         ``answer_ranks``: for rows with a target, the count, mean and median rank (1 = the model's
         most likely next token), the fraction ranked first, and a histogram
         ``{'1': n, '2-5': n, '6-10': n, '>10': n}``.
@@ -52,7 +53,8 @@ def dataset_summary(rows: Iterable[Mapping]) -> dict:
     return {
         "rows": len(rows),
         "explained": len(explained),
-        "errors": [{"id": row.get("id"), "error": row["error"]} for row in rows if row.get("error")],
+        "errors": [{"id": row.get("id"), "error": row["error"], "position": position}
+                   for position, row in enumerate(rows) if row.get("error")],
         "first_token_share": _mean_median([s.get("first_token") for s in shares]),
         "special_token_share": _mean_median([s.get("special_tokens") for s in shares]),
         "conservation": _mean_median([e.get("conservation") for e in explained]),
@@ -97,23 +99,19 @@ def _summary_html(summary: dict) -> str:
             f"ranked first {_number(100 * ranks['top1'], 1)}%; {histogram}</p>"
         )
     if summary["errors"]:
-        items = "".join(f"<li><a href='#row-{html.escape(_anchor(e['id']))}'>{html.escape(json.dumps(e['id']))}</a>: "
+        items = "".join(f"<li><a href='#row-{e['position']}'>{html.escape(json.dumps(e['id']))}</a>: "
                         f"{html.escape(e['error'])}</li>" for e in summary["errors"])
         parts.append(f"<h3>Errors</h3><ul id='errors'>{items}</ul>")
     return "".join(parts)
 
 
-def _anchor(row_id) -> str:
-    return "".join(c if c.isalnum() else "_" for c in str(row_id))
-
-
-def _row_html(row: Mapping, exclude_special: bool) -> str:
+def _row_html(position: int, row: Mapping, exclude_special: bool) -> str:
     row_id = row.get("id")
     head = f"<h4>row {html.escape(json.dumps(row_id, ensure_ascii=False))}</h4>"
     explanation = row.get("explanation")
     if not explanation:
         body = f"<p class='row-error' style='color:#a00'>error: {html.escape(str(row.get('error')))}</p>"
-        return f"<section class='row' id='row-{html.escape(_anchor(row_id))}'>{head}{body}</section>"
+        return f"<section class='row' id='row-{position}'>{head}{body}</section>"
     shares = explanation.get("relevance_shares") or {}
     facts = [html.escape(explanation.get("target", "")),
              f"value {_number(explanation.get('target_value'))}",
@@ -124,13 +122,15 @@ def _row_html(row: Mapping, exclude_special: bool) -> str:
     excluded = frozenset(shares.get("special_positions") or ()) if exclude_special else frozenset()
     values = [float("nan") if v is None else v for v in explanation["relevance"]]
     tokens = html_tokens(explanation["token_texts"], values, excluded=excluded)
-    return (f"<section class='row' id='row-{html.escape(_anchor(row_id))}'>{head}"
+    return (f"<section class='row' id='row-{position}'>{head}"
             f"<p style='color:#333'>{'; '.join(facts)}</p>{tokens}</section>")
 
 
 def report_html(rows: Iterable[Mapping], *, title: str = "Explanations", exclude_special: bool = False,
                 limit: int | None = None) -> str:
     """The report page: summary, errors and the heatmaps of the first ``limit`` rows (default: all).
+
+    Each row's section has the id ``row-N`` (``N``: its position in ``rows``); the errors link to them.
 
     Parameters
     ----------
@@ -147,7 +147,7 @@ def report_html(rows: Iterable[Mapping], *, title: str = "Explanations", exclude
     rows = list(rows)
     summary = dataset_summary(rows)
     shown = rows if limit is None else rows[:limit]
-    sections = "".join(_row_html(row, exclude_special) for row in shown)
+    sections = "".join(_row_html(position, row, exclude_special) for position, row in enumerate(shown))
     more = "" if len(shown) == len(rows) else f"<p>({len(rows) - len(shown)} more rows not shown)</p>"
     body = (f"<h2>{html.escape(title)}</h2><h3>Summary</h3>{_summary_html(summary)}"
             f"<h3>Rows</h3>{sections}{more}")
