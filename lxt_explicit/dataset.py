@@ -17,9 +17,10 @@ row with its ``"id"`` and two fields:
 * ``"error"``: ``None``, or ``"ErrorType: message"`` when the row could not be explained (the run
   goes on with the next row).
 
-Rows of a batch with the same target, contrast and continuation are explained in one padded
-forward and backward pass (the results equal those of one row at a time).  A batch that fails is
-explained again row by row, so that an error is recorded in the row that caused it.
+The rows of a batch that explain the next token are explained in one padded forward and backward
+pass, each with its own target and contrast (the results equal those of one row at a time; rows
+with a continuation are explained one at a time).  A batch that fails is explained again row by
+row, so that an error is recorded in the row that caused it.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from .targets import needed_logits
 
 __all__ = ["RunSummary", "explain_dataset", "explain_rows", "read_rows", "row_key"]
 
-#: Keys of an input row that say what to explain (other keys are copied to the output row as they are).
+#: Keys of an input row that say what to explain (other keys are copied to the output row as they are);
+#: ``explain`` takes them from each row, not from the options of a run.
 REQUEST_KEYS = ("prompt", "target", "contrast", "continuation")
-#: ``explain`` options a dataset run cannot take for all rows: they come from each row.
-_PER_ROW = ("prompt", "target", "contrast", "continuation")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def check_options(options: Mapping[str, Any], per_token: bool = False) -> dict:
         For an option ``explain`` does not have.
     """
     options = dict(options)
-    per_row = sorted(set(options) & set(_PER_ROW))
+    per_row = sorted(set(options) & set(REQUEST_KEYS))
     if per_row:
         raise ValueError(f"{per_row} come from each row (its 'prompt', 'target', 'contrast', 'continuation' "
                          "fields), not from the options of the run; put them in the rows")
@@ -167,20 +167,20 @@ def _pending(rows: Iterable[Mapping], skip) -> Iterator[tuple[int, dict]]:
 
 
 def _explain_batch(model, tokenizer, batch: list[tuple[int, dict]], options: dict) -> list[dict]:
-    """Output rows of one batch: rows with the same request explained together, errors per row."""
+    """Output rows of one batch: next-token rows explained together (each with its own target), errors per row."""
     outputs: list[dict | None] = [None] * len(batch)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[str | None, list[int]] = {}
     for position, (_, row) in enumerate(batch):
         problem = _row_problem(row)
         if problem:
             outputs[position] = {**row, "explanation": None, "error": f"ValueError: {problem}"}
         else:
-            groups.setdefault(_request(row), []).append(position)
-    for request, members in groups.items():
-        results = _explain_group(model, tokenizer, [batch[m][1]["prompt"] for m in members], request, options)
-        _to_outputs(model, tokenizer, results, request)
-        for member, result in zip(members, results):
-            row = batch[member][1]
+            groups.setdefault(row.get("continuation"), []).append(position)
+    for members in groups.values():
+        rows = [batch[m][1] for m in members]
+        results = _explain_group(model, tokenizer, rows, options)
+        _to_outputs(model, tokenizer, rows, results)
+        for member, row, result in zip(members, rows, results):
             if isinstance(result, Exception):
                 outputs[member] = {**row, "explanation": None, "error": _describe(result)}
             else:
@@ -194,43 +194,47 @@ def _row_problem(row: dict) -> str:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         return f"the row's 'prompt' must be a non-empty string, got {prompt!r}"
+    continuation = row.get("continuation")
+    if continuation is not None and not isinstance(continuation, str):
+        return f"the row's 'continuation' must be a string, got {continuation!r}"
     return ""
 
 
-def _request(row: dict) -> tuple:
-    return tuple(row.get(key) for key in REQUEST_KEYS[1:])
-
-
-def _explain_group(model, tokenizer, prompts: list[str], request: tuple, options: dict) -> list:
-    """Explanations of prompts with the same request (one padded batch), or per prompt its exception."""
-    target, contrast, continuation = request
-    kwargs = dict(options, target=target, contrast=contrast, continuation=continuation)
+def _explain_group(model, tokenizer, rows: list[dict], options: dict) -> list:
+    """Explanations of rows with the same continuation (one padded batch), or per row its exception."""
+    kwargs = dict(options, continuation=rows[0].get("continuation"))
+    for what in ("target", "contrast"):
+        values = [row.get(what) for row in rows]
+        kwargs[what] = values if any(v is not None for v in values) else None
     try:
-        return list(explain(model, tokenizer, prompts, **kwargs))
+        return list(explain(model, tokenizer, [row["prompt"] for row in rows], **kwargs))
     except Exception as error:  # noqa: BLE001 - recorded in the row, the run goes on
-        if len(prompts) == 1:
+        if len(rows) == 1:
             return [error]
     results = []
-    for prompt in prompts:
+    for row in rows:  # find the row that failed
         try:
-            results.append(explain(model, tokenizer, prompt, **kwargs))
+            results.append(explain(model, tokenizer, row["prompt"], **dict(
+                kwargs, target=row.get("target"), contrast=row.get("contrast"))))
         except Exception as error:  # noqa: BLE001
             results.append(error)
     return results
 
 
-def _to_outputs(model, tokenizer, results: list, request: tuple) -> None:
+def _to_outputs(model, tokenizer, rows: list[dict], results: list) -> None:
     """Replace explanations by their output dicts (with sink shares, and answer ranks for rows with a target)."""
-    ranked = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+    done = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+    ranked = [i for i in done if rows[i].get("target") is not None and rows[i].get("continuation") is None]
     ranks = {}
-    if request[0] is not None and request[2] is None and ranked:
+    if ranked:
         try:
             ranks = dict(zip(ranked, answer_ranks(model, [results[i] for i in ranked])))
         except Exception as error:  # noqa: BLE001
             for i in ranked:
                 results[i] = error
-            return
-    for i in ranked:
+    for i in done:
+        if isinstance(results[i], Exception):
+            continue
         data = results[i].to_dict()
         data["relevance_shares"] = _finite_shares(sink_shares(results[i], tokenizer))
         if i in ranks:

@@ -283,3 +283,22 @@ def test_mistakes_in_the_dataset_command_are_one_line_and_exit_code_2(tiny_folde
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (name, err)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_explain_takes_one_target_and_contrast_per_prompt(tiny):
+    model, tokenizer = tiny
+    prompts = ["the capital of", "a river", "ingrid named the lake after her", "the city"]
+    targets, contrasts = ["paris", None, 14, "paris"], [None, None, "london", "london"]
+    batch = explain(model, tokenizer, prompts, target=targets, contrast=contrasts)
+    for prompt, target, contrast, result in zip(prompts, targets, contrasts, batch):
+        alone = explain(model, tokenizer, prompt, target=target, contrast=contrast)
+        assert result.target == alone.target and result.target_ids == alone.target_ids
+        torch.testing.assert_close(result.relevance, alone.relevance, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="target is a list of 2 for 4 prompts"):
+        explain(model, tokenizer, prompts, target=["paris", "london"])
+    with pytest.raises(TypeError, match="gives each prompt of a batch its own"):
+        explain(model, tokenizer, "the city", target=["paris"])
+    with pytest.raises(ValueError, match="contrast and target are the same token"):
+        explain(model, tokenizer, prompts[:2], target=["paris", "london"], contrast=[None, "london"])
+    with pytest.raises(ValueError, match="cannot be combined with a continuation"):
+        explain(model, tokenizer, prompts[:2], target=["paris", None], continuation=" the lake")
