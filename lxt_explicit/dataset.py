@@ -36,10 +36,12 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from .explain import METHODS, explain
+from .runfiles import RunFiles, complete_lines
 from .sinks import sink_shares
 from .targets import needed_logits
 
-__all__ = ["RunSummary", "explain_dataset", "explain_rows", "read_rows", "row_key"]
+__all__ = ["RunSummary", "answer_ranks", "check_options", "explain_dataset", "explain_rows", "read_rows", "row_key",
+           "to_json_line"]
 
 #: Keys of an input row that say what to explain (other keys are copied to the output row as they are);
 #: ``explain`` takes them from each row, not from the options of a run.
@@ -297,8 +299,6 @@ def _jsonable(value):
 
 def read_rows(path) -> list[dict]:
     """The complete rows of a JSON Lines file (a last line cut off by an interrupted run is left out)."""
-    from .runfiles import complete_lines
-
     return [json.loads(line) for line in complete_lines(path)]
 
 
@@ -331,8 +331,6 @@ def explain_dataset(
     -------
     RunSummary
     """
-    from .runfiles import RunFiles
-
     started = time.perf_counter()
     files = RunFiles(output)
     if total is None and hasattr(rows, "__len__"):
