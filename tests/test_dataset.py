@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,12 @@ def tiny_folder(tmp_path_factory):
     tlm.model(dtype=torch.float32).save_pretrained(folder)
     tlm.tokenizer().save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_jsonl(path, rows):
@@ -228,7 +235,7 @@ def test_two_processes_write_what_one_process_writes(tiny_folder, tmp_path):
     assert main([*arguments, "--output", str(one)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "lxt_explicit.cli", *arguments, "--output", str(two)],
         env=env, capture_output=True, text=True, timeout=300,
     )
