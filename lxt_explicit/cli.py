@@ -273,12 +273,13 @@ def _print_result(result, span: slice, top: int) -> None:
         print(f"  {position:>5}  {text!r:<24} {value:+.4f}")
 
 
-def _record(args, model: dict, prompt: str, kwargs: dict, result) -> dict:
+def _record(args, model: dict, prompt: str, kwargs: dict, result, tokenizer) -> dict:
     """Everything ``explanation.json`` holds: the result and what it takes to reproduce it."""
     import torch
     import transformers
 
     from . import __version__
+    from .sinks import sink_shares
 
     return {
         "answer": result.continuation_text.strip(),
@@ -288,6 +289,7 @@ def _record(args, model: dict, prompt: str, kwargs: dict, result) -> dict:
         "command": ["lxt-explicit", *args.argv],
         "explain_arguments": {"prompt": prompt, **kwargs},
         **result.to_dict(),
+        "relevance_shares": sink_shares(result, tokenizer),
     }
 
 
@@ -325,7 +327,7 @@ def _run_explain(args) -> int:
         raise UsageError(str(error)) from None
     span = _shown_span(result, shown)
     _print_result(result, span, args.top)
-    written = _write_files(result, span, args, _record(args, description, prompt, kwargs, result))
+    written = _write_files(result, span, args, _record(args, description, prompt, kwargs, result, tokenizer))
     print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - started:.1f} s)")
     return 0
 

@@ -238,14 +238,10 @@ def _to_outputs(model, tokenizer, rows: list[dict], results: list) -> None:
         if isinstance(results[i], Exception):
             continue
         data = results[i].to_dict()
-        data["relevance_shares"] = _finite_shares(sink_shares(results[i], tokenizer))
+        data["relevance_shares"] = sink_shares(results[i], tokenizer)
         if i in ranks:
             data["answer_rank"] = ranks[i]
         results[i] = data
-
-
-def _finite_shares(shares: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in shares.items()}
 
 
 def answer_ranks(model, explanations) -> list[int]:

@@ -17,6 +17,7 @@ tokens is 1.  A sequence whose relevance is zero everywhere has no share (``NaN`
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -71,7 +72,9 @@ def sink_shares(explanation, tokenizer) -> dict:
     Returns
     -------
     dict
-        ``{'first_token': share, 'special_tokens': share, 'special_positions': [...]}``.
+        ``{'first_token': share, 'special_tokens': share, 'special_positions': [...]}``, ready for
+        strict JSON: a share that is not defined (all relevance zero) is ``None``.
     """
     positions = special_positions(tokenizer, explanation.token_ids)
-    return {**relevance_shares(explanation.relevance, positions), "special_positions": positions}
+    shares = relevance_shares(explanation.relevance, positions)
+    return {**{k: (v if math.isfinite(v) else None) for k, v in shares.items()}, "special_positions": positions}

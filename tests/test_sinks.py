@@ -36,3 +36,11 @@ def test_sink_shares_of_an_explanation():
     explanation = Explanation(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids),
                               relevance=torch.tensor([2.0, 1.0, -1.0]), prompt_length=3, target="t", target_value=1.0)
     assert sink_shares(explanation, tokenizer) == {"first_token": 0.5, "special_tokens": 0.5, "special_positions": [0]}
+
+
+def test_undefined_shares_are_none_in_the_record():
+    tokenizer = tlm.tokenizer()
+    ids = tokenizer("the lake")["input_ids"]
+    explanation = Explanation(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids), relevance=torch.zeros(2),
+                              prompt_length=2, target="t", target_value=0.0)
+    assert sink_shares(explanation, tokenizer) == {"first_token": None, "special_tokens": None, "special_positions": []}
