@@ -64,7 +64,26 @@ def read_input(path: Path) -> list[dict]:
         raise UsageError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
     if not rows:
         raise UsageError(f'{path} has no rows; write one JSON object per line, e.g. {{"prompt": "The capital of"}}')
+    _check_ids(rows, path)
     return rows
+
+
+def _check_ids(rows: list[dict], path: Path) -> None:
+    """Ids are strings or integers, one per row (checked before any work, as the run would stop at a duplicate)."""
+    from .cli import UsageError
+    from .dataset import row_key
+
+    seen = {}
+    for index, row in enumerate(rows):
+        row_id = index if row.get("id") is None else row["id"]
+        try:
+            key = row_key(row_id)
+        except ValueError as error:
+            raise UsageError(f"{path} row {index}: {error}") from None
+        if key in seen:
+            raise UsageError(f"{path}: rows {seen[key]} and {index} have the same id {row_id!r}; give each row its "
+                             "own id (they identify the rows when a run is resumed), or none (the index is used)")
+        seen[key] = index
 
 
 def _parse(line: str, number: int, path: Path) -> dict:
@@ -126,8 +145,11 @@ def run(args) -> int:
     device = _device(args)
     _check_device(device)
     model, tokenizer, description = _load(args.model, args.dtype, device)
-    summary = explain_dataset(model, tokenizer, rows, args.output, batch_size=args.batch_size,
-                              per_token=args.per_token, progress=not args.no_progress, **options)
+    try:
+        summary = explain_dataset(model, tokenizer, rows, args.output, batch_size=args.batch_size,
+                                  per_token=args.per_token, progress=not args.no_progress, **options)
+    except ValueError as error:  # the options or the rows as a whole (duplicate ids), not one row
+        raise UsageError(str(error).replace("chat=True", "--chat")) from None
     if summary.process != 0:
         return 0
     written = read_rows(args.output)

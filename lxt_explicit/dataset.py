@@ -142,14 +142,24 @@ def explain_rows(
     Raises
     ------
     ValueError
-        For a bad ``batch_size`` or options, or two rows with the same id.
+        For a bad ``batch_size`` or options (``chat=True`` with a tokenizer without a chat
+        template), or two rows with the same id.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
-    options = check_options(options, per_token)
+    options = _check_run(tokenizer, batch_size, per_token, options)
     pending = _pending(rows, skip)
     while batch := list(islice(pending, batch_size)):
         yield from zip((index for index, _ in batch), _explain_batch(model, tokenizer, batch, options))
+
+
+def _check_run(tokenizer, batch_size, per_token: bool, options: dict) -> dict:
+    """The checked options of a run (before any row is read)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
+    options = check_options(options, per_token)
+    if options.get("chat") and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"chat=True needs the tokenizer's chat template, and this {type(tokenizer).__name__} has "
+                         "none; leave chat out and write the prompts in the model's format")
+    return options
 
 
 def _pending(rows: Iterable[Mapping], skip) -> Iterator[tuple[int, dict]]:
@@ -328,6 +338,7 @@ def explain_dataset(
     RunSummary
     """
     started = time.perf_counter()
+    _check_run(tokenizer, batch_size, per_token, options)
     files = RunFiles(output)
     if total is None and hasattr(rows, "__len__"):
         total = len(rows)

@@ -279,17 +279,29 @@ def dataset_errors(tiny_folder, tmp_path):
         "batch size": ([str(good), *out, *model, "--batch-size", "0"], "must be at least 1"),
         "missing model": ([str(good), *out, "--model", str(tmp_path / "no_model")], "no_model does not exist"),
     }
+    duplicate = write_jsonl(tmp_path / "duplicate.jsonl", [{"prompt": "a", "id": 1}, {"prompt": "b", "id": 1}])
+    cases["duplicate ids"] = ([str(duplicate), *out, *model], "duplicate.jsonl: rows 0 and 1 have the same id 1")
+    (tmp_path / "list_id.jsonl").write_text('{"prompt": "a", "id": [1]}\n')
+    cases["bad id"] = ([str(tmp_path / "list_id.jsonl"), *out, *model], "row 0: a row id must be a string")
+    without = tmp_path / "no_template"
+    tokenizer = tlm.tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(without)
+    tlm.model(dtype=torch.float32).save_pretrained(without)
+    cases["no chat template"] = ([str(good), *out, "--model", str(without), "--chat"], "--chat needs the tokenizer's")
     if "per_token" not in inspect.signature(explain).parameters:
         cases["per token"] = ([str(good), *out, *model, "--per-token"], "--per-token needs explain(per_token=True)")
     return cases
 
 
 def test_mistakes_in_the_dataset_command_are_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys):
-    for name, (arguments, message) in dataset_errors(tiny_folder, tmp_path).items():
+    cases = dataset_errors(tiny_folder, tmp_path)
+    capsys.readouterr()  # saving the model folder shows a progress bar
+    for name, (arguments, message) in cases.items():
         assert main(["explain-dataset", *arguments]) == 2, name
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (name, err)
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not read_rows(tmp_path / "out.jsonl")
 
 
 def test_explain_takes_one_target_and_contrast_per_prompt(tiny):
