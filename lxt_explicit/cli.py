@@ -1,10 +1,11 @@
-"""Command line: ``lxt-explicit explain`` and ``lxt-explicit audit``.
+"""Command line: ``lxt-explicit explain``, ``lxt-explicit audit`` and ``lxt-explicit explain-dataset``.
 
 ``lxt-explicit explain`` with no arguments loads the default model (SmolLM2-135M-Instruct,
 converted once into the cache folder), lets it answer a built-in question about a built-in
 document, explains the answer with AttnLRP, prints a coloured heatmap of the prompt and the most
 relevant tokens, and writes ``explanation.html``, ``explanation.png`` and ``explanation.json`` to
-the output folder.  A generated answer is explained up to the end of its first sentence or line
+the output folder (``explain-dataset`` explains every row of a JSON Lines file:
+:mod:`lxt_explicit.cli_dataset`).  A generated answer is explained up to the end of its first sentence or line
 (or the model's end of sequence); ``--full-continuation`` explains everything generated.
 
 Every mistake in the command (a missing model folder or context file, an empty prompt, an
@@ -81,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--method", choices=("attnlrp", "cp_lrp"), default="attnlrp")
     audit.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     audit.add_argument("--text", default="The capital of France is", help="example input")
+
+    from .cli_dataset import add_parser
+
+    add_parser(commands, positive=_positive, dtypes=DTYPES, default_model=DEFAULT_MODEL)
     return parser
 
 
@@ -268,12 +273,13 @@ def _print_result(result, span: slice, top: int) -> None:
         print(f"  {position:>5}  {text!r:<24} {value:+.4f}")
 
 
-def _record(args, model: dict, prompt: str, kwargs: dict, result) -> dict:
+def _record(args, model: dict, prompt: str, kwargs: dict, result, tokenizer) -> dict:
     """Everything ``explanation.json`` holds: the result and what it takes to reproduce it."""
     import torch
     import transformers
 
     from . import __version__
+    from .sinks import sink_shares
 
     return {
         "answer": result.continuation_text.strip(),
@@ -283,6 +289,7 @@ def _record(args, model: dict, prompt: str, kwargs: dict, result) -> dict:
         "command": ["lxt-explicit", *args.argv],
         "explain_arguments": {"prompt": prompt, **kwargs},
         **result.to_dict(),
+        "relevance_shares": sink_shares(result, tokenizer),
     }
 
 
@@ -291,7 +298,7 @@ def _write_files(result, span: slice, args, record: dict) -> list[Path]:
 
     args.output.mkdir(parents=True, exist_ok=True)
     tokens, relevance = result.token_texts[span], result.relevance[span]
-    title = f"{result.method}: relevance for the answer {record['answer']!r}"
+    title = f"{result.method}: relevance for the answer \u201c{record['answer']}\u201d"
     html_path = args.output / "explanation.html"
     html_path.write_text(html_heatmap(tokens, relevance, title=title, subtitle=result.target, clean=False),
                          encoding="utf-8")
@@ -320,7 +327,7 @@ def _run_explain(args) -> int:
         raise UsageError(str(error)) from None
     span = _shown_span(result, shown)
     _print_result(result, span, args.top)
-    written = _write_files(result, span, args, _record(args, description, prompt, kwargs, result))
+    written = _write_files(result, span, args, _record(args, description, prompt, kwargs, result, tokenizer))
     print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -350,6 +357,10 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(arguments)
         args.argv = arguments
+        if args.command == "explain-dataset":
+            from .cli_dataset import run
+
+            return run(args)
         return _run_explain(args) if args.command == "explain" else _run_audit(args)
     except UsageError as error:
         print(f"lxt-explicit: error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -48,8 +48,8 @@ def explain(
     tokenizer,
     prompt: str | Sequence[str],
     *,
-    target: int | str | None = None,
-    contrast: int | str | None = None,
+    target: int | str | Sequence[int | str | None] | None = None,
+    contrast: int | str | Sequence[int | str | None] | None = None,
     continuation: str | None = None,
     max_new_tokens: int | None = None,
     continuation_score: str = "max",
@@ -75,11 +75,13 @@ def explain(
         continuation is involved; one :class:`Explanation` per prompt is returned).  A prompt must
         not be empty, and with its continuation it must fit in the model's positions
         (``config.max_position_embeddings``).
-    target : int or str, optional
+    target : int or str, or a list of them, optional
         The next token to explain (an id, or a string that is one token); default: the most likely.
-    contrast : int or str, optional
+        For a batch of prompts, a list gives each prompt its own target (``None``: the most likely).
+    contrast : int or str, or a list of them, optional
         Explain ``logit(target) - logit(contrast)`` instead of ``logit(target)``; a token other
-        than the target.
+        than the target.  For a batch of prompts, a list gives each prompt its own contrast
+        (``None``: no contrast).
     continuation : str, optional
         Text after the prompt to explain at the sentence level.
     max_new_tokens : int, optional
@@ -131,7 +133,7 @@ def explain(
         epsilon=epsilon, latent=latent, composite=composite,
     )
     _check_options(options)
-    _resolve_tokens(model, tokenizer, options)
+    _resolve_tokens(model, tokenizer, options, None if single else len(prompts))
     if single:
         return _explain_batch(model, tokenizer, prompts, options)[0]
     if continuation is not None or max_new_tokens is not None:  # continuations have their own lengths
@@ -148,7 +150,7 @@ def _check_options(options: dict) -> None:
     continuing = options["continuation"] is not None or options["max_new_tokens"] is not None
     if options["continuation"] is not None and options["max_new_tokens"] is not None:
         raise ValueError("give either continuation= (text) or max_new_tokens= (generate), not both")
-    if continuing and (options["target"] is not None or options["contrast"] is not None):
+    if continuing and any(_per_prompt(options[what]) != [None] for what in ("target", "contrast")):
         raise ValueError("target= and contrast= explain the next token; they cannot be combined with a continuation")
     if options["composite"] is None and options["method"] not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {options['method']!r}")
@@ -160,17 +162,34 @@ def _check_options(options: dict) -> None:
     options["latent"] = check_latent_specs(options["latent"])
 
 
-def _resolve_tokens(model: nn.Module, tokenizer, options: dict) -> None:
-    """Turn ``target`` and ``contrast`` into checked token ids (before any forward pass)."""
+def _per_prompt(value) -> list:
+    """A per-prompt list of targets or contrasts as it is; one value (or ``None``) as a list of one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _resolve_tokens(model: nn.Module, tokenizer, options: dict, count: int | None) -> None:
+    """Turn ``target`` and ``contrast`` (one, or one per prompt) into checked token ids (before any forward pass)."""
     vocabulary = vocabulary_size(model)
     for what in ("target", "contrast"):
-        if options[what] is not None:
-            options[what] = token_id(tokenizer, options[what], what, vocabulary)
-    if options["target"] is not None and options["target"] == options["contrast"]:
-        raise ValueError(
-            f"contrast and target are the same token (id {options['target']}): logit minus itself is zero, so "
-            "nothing would be explained; give a different contrast token"
-        )
+        value = options[what]
+        if isinstance(value, (list, tuple)):
+            if count is None:
+                raise TypeError(f"{what} must be a token id (int) or a string that is one token, got {value!r} "
+                                "(a list gives each prompt of a batch its own)")
+            if len(value) != count:
+                raise ValueError(f"{what} is a list of {len(value)} for {count} prompts; give one {what} per prompt "
+                                 f"(None for the default), or a single {what} for all")
+            options[what] = [None if v is None else token_id(tokenizer, v, what, vocabulary) for v in value]
+        elif value is not None:
+            options[what] = token_id(tokenizer, value, what, vocabulary)
+    targets, contrasts = _per_prompt(options["target"]), _per_prompt(options["contrast"])
+    for index in range(max(len(targets), len(contrasts))):
+        target = targets[index % len(targets)]
+        if target is not None and target == contrasts[index % len(contrasts)]:
+            raise ValueError(
+                f"contrast and target are the same token (id {target}): logit minus itself is zero, so "
+                "nothing would be explained; give a different contrast token"
+            )
 
 
 def _check_positions(model: nn.Module, prompt_length: int, extra: int, what: str) -> None:

@@ -4,6 +4,13 @@ Colours are diverging and symmetric around zero: white for no relevance, red for
 blue for negative relevance, with the strongest colour at the largest absolute relevance.
 Raw tokenizer pieces are cleaned for display first (:func:`clean_tokens`); pass the tokenizer's own
 decoding (:attr:`lxt_explicit.explanation.Explanation.token_texts`) with ``clean=False``.
+
+Every heatmap function takes ``exclude_from_scale=``: positions (e.g. the first token and special
+tokens, where relevance pools: :mod:`lxt_explicit.sinks`) left out of the colour scale.  They stay
+in the heatmap, uncoloured (with a dashed outline in HTML and PNG), and keep their values.
+
+The HTML page shows the hovered token's text and value in a box at its top (``id="hover-value"``;
+every token element has a ``data-relevance`` attribute); it loads nothing from elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["clean_tokens", "colour", "terminal_heatmap", "html_heatmap", "png_heatmap"]
+__all__ = ["clean_tokens", "colour", "terminal_heatmap", "html_heatmap", "html_page", "html_tokens", "png_heatmap"]
 
 _SPACE_MARKERS = MappingProxyType({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r"})
 
@@ -105,18 +112,32 @@ def colour(value: float, scale: float) -> tuple[int, int, int]:
     return (255, fade, fade) if t >= 0 else (fade, fade, 255)
 
 
-def _scale(values: list[float]) -> float:
-    return max((abs(v) for v in values), default=0.0)
+def _scale(values: list[float], excluded: frozenset = frozenset()) -> float:
+    return max((abs(v) for i, v in enumerate(values) if i not in excluded and v == v), default=0.0)
 
 
-def terminal_heatmap(tokens: Sequence[str], relevance, *, clean: bool = True) -> str:
-    """The tokens as text with 24-bit ANSI background colours (newlines kept)."""
+def _excluded(positions: Sequence[int], count: int) -> frozenset:
+    """The positions left out of the colour scale, checked against the number of tokens."""
+    chosen = frozenset(int(p) for p in positions)
+    outside = sorted(p for p in chosen if not 0 <= p < count)
+    if outside:
+        raise ValueError(f"exclude_from_scale positions {outside} are outside the {count} tokens")
+    return chosen
+
+
+def terminal_heatmap(tokens: Sequence[str], relevance, *, clean: bool = True,
+                     exclude_from_scale: Sequence[int] = ()) -> str:
+    """The tokens as text with 24-bit ANSI background colours (newlines kept).
+
+    Tokens at the positions ``exclude_from_scale`` are left out of the colour scale and shown uncoloured.
+    """
     values = _as_list(relevance)
-    scale = _scale(values)
+    excluded = _excluded(exclude_from_scale, len(values))
+    scale = _scale(values, excluded)
     texts = clean_tokens(tokens) if clean else list(tokens)
     parts = []
-    for text, value in zip(texts, values):
-        r, g, b = colour(value, scale)
+    for index, (text, value) in enumerate(zip(texts, values)):
+        r, g, b = colour(value, scale) if index not in excluded else (255, 255, 255)
         for i, line in enumerate(text.split("\n")):
             if i:
                 parts.append("\x1b[0m\n")
@@ -133,8 +154,9 @@ def html_heatmap(
     subtitle: str = "",
     fragment: bool = False,
     clean: bool = True,
+    exclude_from_scale: Sequence[int] = (),
 ) -> str:
-    """The tokens on coloured backgrounds as HTML; hovering a token shows its position and value.
+    """The tokens on coloured backgrounds as HTML; hovering a token shows its text, position and value.
 
     Parameters
     ----------
@@ -143,37 +165,78 @@ def html_heatmap(
     relevance : tensor or sequence of float
         One value per token.
     title, subtitle : str
-        Heading and a line below it.
+        Heading and a line below it (line breaks in them are kept).
     fragment : bool
-        Return a ``<div>`` with inline styles only (for notebooks and other pages) instead of a
-        self-contained page.
+        Return a ``<div>`` with inline styles only (for notebooks and other pages; hovering shows the
+        browser's tooltip) instead of a self-contained page (with the hover box, ``id="hover-value"``).
     clean : bool
         Clean ``tokens`` with :func:`clean_tokens` (``False``: they are display texts already).
+    exclude_from_scale : sequence of int
+        Positions left out of the colour scale (shown uncoloured with a dashed outline; their values
+        are kept and shown on hover), e.g. special tokens where relevance pools.
     """
     values = _as_list(relevance)
-    scale = _scale(values)
-    spans = []
-    for index, (text, value) in enumerate(zip(clean_tokens(tokens) if clean else list(tokens), values)):
-        r, g, b = colour(value, scale)
-        escaped = html_lib.escape(text).replace("\n", "<br>")
-        spans.append(
-            f'<span style="background:rgb({r},{g},{b});color:#000;white-space:pre-wrap" '
-            f'title="#{index} {html_lib.escape(repr(tokens[index]))}: {value:.6g}">{escaped}</span>'
-        )
-    legend = f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
-    body = (
-        f"<h3>{html_lib.escape(title)}</h3>" if title else ""
-    ) + (f"<p>{html_lib.escape(subtitle)}</p>" if subtitle else "") + (
-        f"<p style='color:#555;font-size:90%'>{html_lib.escape(legend)}</p>"
-        f"<div style='line-height:1.9;font-family:sans-serif'>{''.join(spans)}</div>"
-    )
+    excluded = _excluded(exclude_from_scale, len(values))
+    scale = _scale(values, excluded)
+    body = (f"<h3 style='white-space:pre-line'>{html_lib.escape(title)}</h3>" if title else "") + (
+        f"<p style='white-space:pre-line'>{html_lib.escape(subtitle)}</p>" if subtitle else ""
+    ) + html_tokens(clean_tokens(tokens) if clean else list(tokens), values, excluded=excluded, scale=scale)
     if fragment:
         return f"<div>{body}</div>"
+    return html_page(title, body)
+
+
+def html_tokens(texts: Sequence[str], values: Sequence[float], *, excluded=frozenset(), scale: float | None = None,
+                legend: bool = True) -> str:
+    """The display texts as coloured ``<span>`` elements with ``data-relevance`` (and a legend line).
+
+    ``scale`` defaults to the largest absolute value outside ``excluded``.
+    """
+    values = [float(v) for v in values]
+    scale = _scale(values, frozenset(excluded)) if scale is None else scale
+    spans = []
+    for index, (text, value) in enumerate(zip(texts, values)):
+        outside = index in excluded
+        r, g, b = (255, 255, 255) if outside else colour(value, scale)
+        border = "outline:1px dashed #888;" if outside else ""
+        note = " (not on the colour scale)" if outside else ""
+        escaped = html_lib.escape(text).replace("\n", "<br>")
+        spans.append(
+            f'<span class="lxt-token" data-index="{index}" data-relevance="{value:.6g}" '
+            f'data-text="{html_lib.escape(text)}" data-note="{note}" '
+            f'style="background:rgb({r},{g},{b});color:#000;white-space:pre-wrap;{border}" '
+            f'title="#{index} {html_lib.escape(repr(text))}: {value:.6g}{note}">{escaped}</span>'
+        )
+    text = f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
+    if excluded:
+        text += f"; {len(excluded)} token(s) with a dashed outline are not on the colour scale"
+    shown = f"<p style='color:#555;font-size:90%'>{html_lib.escape(text)}</p>" if legend else ""
+    return shown + f"<div style='line-height:1.9;font-family:sans-serif'>{''.join(spans)}</div>"
+
+
+_HOVER_SCRIPT = """
+document.addEventListener('mouseover', function (event) {
+  var token = event.target.closest ? event.target.closest('[data-relevance]') : null;
+  if (!token) { return; }
+  document.getElementById('hover-value').textContent = '#' + token.dataset.index + ' ' +
+    JSON.stringify(token.dataset.text) + ': ' + token.dataset.relevance + token.dataset.note;
+});
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page around ``body``: a hover box (``id="hover-value"``) showing the hovered token.
+
+    Any element with ``data-relevance``, ``data-index``, ``data-text`` and ``data-note`` attributes
+    (those of :func:`html_tokens`) updates the box when hovered; nothing is loaded from elsewhere.
+    """
+    box = ("<div id='hover-value' style='position:sticky;top:0;background:#f4f4f4;border:1px solid #bbb;"
+           "padding:0.3em 0.6em;font-family:monospace;white-space:pre'>hover a token to see its relevance</div>")
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{html_lib.escape(title)}</title>"
+        f"<title>{html_lib.escape(' '.join(title.split()))}</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}</style></head>"
-        f"<body>{body}</body></html>\n"
+        f"<body>{box}{body}<script>{_HOVER_SCRIPT}</script></body></html>\n"
     )
 
 
@@ -186,12 +249,14 @@ def png_heatmap(
     width: float = 10.0,
     font_size: int = 11,
     clean: bool = True,
+    exclude_from_scale: Sequence[int] = (),
 ) -> Path:
     """Render the heatmap to a PNG file with matplotlib (``pip install matplotlib``) and return its path.
 
     ``tokens`` are cleaned with :func:`clean_tokens` unless ``clean=False`` (display texts).
     Characters that the monospace font lacks (emoji; CJK without a CJK font installed) are drawn as
-    boxes, and matplotlib warns about them; the HTML heatmap shows every character.
+    boxes, and matplotlib warns about them; the HTML heatmap shows every character.  Tokens at the
+    positions ``exclude_from_scale`` are left out of the colour scale (drawn uncoloured, outlined).
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -200,7 +265,8 @@ def png_heatmap(
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("png_heatmap needs matplotlib: pip install matplotlib") from error
     values = _as_list(relevance)
-    scale = _scale(values)
+    excluded = _excluded(exclude_from_scale, len(values))
+    scale = _scale(values, excluded)
     texts = [t.replace("\t", " ") for t in (clean_tokens(tokens) if clean else tokens)]
     dpi = 110
     # a monospace font: every character advances by the same, measured width
@@ -211,7 +277,7 @@ def png_heatmap(
     line_px = font_size * 1.9 * dpi / 72
     usable_px = width * dpi * 0.96
     layout, x, line = [], 0.0, 0
-    for text, value in zip(texts, values):
+    for index, (text, value) in enumerate(zip(texts, values)):
         for i, piece in enumerate(text.split("\n")):
             if i:
                 x, line = 0.0, line + 1
@@ -220,7 +286,7 @@ def png_heatmap(
             advance = len(piece) * char_px
             if x + advance > usable_px and x > 0:
                 x, line = 0.0, line + 1
-            layout.append((x, line, piece, value))
+            layout.append((x, line, piece, value, index in excluded))
             x += advance
     rows = line + 1 + (1 if title else 0) + 2  # title, tokens, blank, legend
     height_px = rows * line_px + 0.2 * dpi
@@ -233,13 +299,13 @@ def png_heatmap(
     top = (1.0 if title else 0.0) * line_px + 0.1 * dpi
     if title:
         axis.text(0, 0.6 * line_px, title, fontsize=font_size + 1, fontweight="bold", va="center", family="monospace")
-    for x, row, piece, value in layout:
-        r, g, b = colour(value, scale)
+    for x, row, piece, value, outside in layout:
+        r, g, b = (255, 255, 255) if outside else colour(value, scale)
         y = top + (row + 0.5) * line_px
         axis.add_patch(
             Rectangle(
                 (x, y - 0.42 * line_px), len(piece) * char_px, 0.84 * line_px, facecolor=(r / 255, g / 255, b / 255),
-                edgecolor="none",
+                edgecolor="#888888" if outside else "none", linestyle="--", linewidth=0.8,
             )
         )
         axis.text(x, y, piece, fontsize=font_size, family="monospace", va="center", ha="left")

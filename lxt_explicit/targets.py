@@ -114,8 +114,14 @@ def select_targets(logits, sequences, prompt_lengths, tokenizer, options) -> Tar
         if len(seq) > prompt_lengths[row]:
             _continuation_target(targets, logits[row], seq, prompt_lengths[row], tokenizer, options)
         else:
-            _next_token_target(targets, logits[row, -1], tokenizer, options)
+            _next_token_target(targets, logits[row, -1], tokenizer, _for_row(options["target"], row),
+                               _for_row(options["contrast"], row))
     return targets
+
+
+def _for_row(value, row: int):
+    """The target or contrast of one row: its element of a per-prompt list, else the one value for all."""
+    return value[row] if isinstance(value, list) else value
 
 
 def _continuation_target(targets: Targets, logits, seq, prompt_length: int, tokenizer, options) -> None:
@@ -135,9 +141,8 @@ def _continuation_target(targets: Targets, logits, seq, prompt_length: int, toke
     targets.ids.append(continuation)
 
 
-def _next_token_target(targets: Targets, last, tokenizer, options) -> None:
+def _next_token_target(targets: Targets, last, tokenizer, given, other) -> None:
     """The next token's logit, or the difference of two next tokens' logits (ids checked by :func:`token_id`)."""
-    given, other = options["target"], options["contrast"]
     token = int(last.argmax()) if given is None else given
     name = token_name(tokenizer, token)
     if other is None:

@@ -111,6 +111,9 @@ def test_explanation_json_says_how_to_reproduce_it(tiny_folder, tmp_path):
     assert data["method"] == "cp_lrp" and data["epsilon"] == DEFAULT_EPSILON
     assert data["prompt"] == "the capital of france is" and data["text"] == "the capital of france is"
     assert data["target"].startswith("continuation") and data["target_ids"] == data["token_ids"][5:]
+    relevance = torch.tensor(data["relevance"], dtype=torch.float64).abs()
+    assert data["relevance_shares"] == {"first_token": pytest.approx(float(relevance[0] / relevance.sum())),
+                                        "special_tokens": 0.0, "special_positions": []}
     assert data["explain_arguments"] == {"prompt": "the capital of france is", "chat": False, "system": None,
                                          "method": "cp_lrp", "epsilon": DEFAULT_EPSILON, "max_new_tokens": 3,
                                          "stop": "sentence"}

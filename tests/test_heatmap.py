@@ -31,7 +31,7 @@ def test_terminal_heatmap_has_one_colour_per_token_and_keeps_newlines():
 def test_html_heatmap_is_self_contained_and_shows_values_on_hover():
     page = html_heatmap(["Ġa", "Ġ<b>"], [0.5, -0.25], title="T")
     assert page.startswith("<!DOCTYPE html>") and "http" not in page
-    assert 'title="#0 &#x27;Ġa&#x27;: 0.5"' in page and "&lt;b&gt;" in page
+    assert 'title="#0 &#x27; a&#x27;: 0.5"' in page and "&lt;b&gt;" in page
     assert "rgb(255,0,0)" in page and "rgb(127,127,255)" in page or "rgb(128,128,255)" in page
 
 
@@ -81,3 +81,39 @@ def test_png_heatmap_draws_the_decoded_text(tmp_path):
     cleaned = png_heatmap(["ĠcafÃ©", "ĠnaÃ¯ve"], values, tmp_path / "cleaned.png").read_bytes()
     raw = png_heatmap(["ĠcafÃ©", "ĠnaÃ¯ve"], values, tmp_path / "raw.png", clean=False).read_bytes()
     assert decoded == cleaned and decoded != raw
+
+
+def test_html_tokens_carry_their_values_and_the_page_has_a_hover_box():
+    page = html_heatmap(["Ġa", "Ġ<b>"], [0.5, -0.25], title="T")
+    assert 'data-relevance="0.5"' in page and 'data-relevance="-0.25"' in page
+    assert "id='hover-value'" in page and "<script>" in page and "src=" not in page
+
+
+def test_line_breaks_in_the_heading_are_kept_not_escaped():
+    page = html_heatmap(["Ġa"], [1.0], title="answer:\nParis", subtitle="line one\nline two")
+    assert "answer:\nParis" in page and "\\n" not in page.split("<script>")[0]
+
+
+def test_positions_left_out_of_the_colour_scale_keep_their_values():
+    values = [8.0, 1.0, -0.5, 2.0]
+    page = html_heatmap(["<s>", "Ġa", "Ġb", "Ġc"], values, exclude_from_scale=[0], fragment=True)
+    spans = re.findall(r'<span [^>]*data-relevance="([^"]+)"[^>]*style="background:rgb\((\d+),(\d+),(\d+)\)', page)
+    assert [float(v) for v, *_ in spans] == values  # the data is all there
+    colours = [tuple(int(c) for c in rgb) for _, *rgb in spans]
+    assert colours[0] == (255, 255, 255)  # the sink is not coloured
+    assert colours[3] == (255, 0, 0)  # the scale is the largest value of the others: 2
+    assert colours[1] == (255, 128, 128) or colours[1] == (255, 127, 127)  # 1 / 2 of the scale
+    assert "dashed" in page and "not on the colour scale" in page
+    text = terminal_heatmap(["<s>", "Ġa"], [8.0, 1.0], exclude_from_scale=[0])
+    assert "\x1b[48;2;255;0;0m\x1b[38;2;0;0;0m a" in text and "\x1b[48;2;255;255;255m\x1b[38;2;0;0;0m<s>" in text
+
+
+def test_excluded_positions_outside_the_tokens_are_an_error(tmp_path):
+    import pytest
+
+    for call in (lambda: html_heatmap(["Ġa"], [1.0], exclude_from_scale=[3]),
+                 lambda: terminal_heatmap(["Ġa"], [1.0], exclude_from_scale=[-1]),
+                 lambda: png_heatmap(["Ġa"], [1.0], tmp_path / "x.png", exclude_from_scale=[1])):
+        with pytest.raises(ValueError, match="outside the 1 tokens"):
+            call()
+    assert png_heatmap(["Ġa", "Ġb"], [5.0, 1.0], tmp_path / "y.png", exclude_from_scale=[0]).stat().st_size > 1000
