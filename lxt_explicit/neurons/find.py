@@ -115,7 +115,7 @@ def find_units(explanations, specs: Sequence[str] | None = None, *, k: int = 10)
 
     Parameters
     ----------
-    explanations : Explanation or list of Explanation
+    explanations : lxt_explicit.explanation.Explanation or list
         From ``explain(..., latent=[...])``.
     specs : sequence of str, optional
         The specs to aggregate (default: every spec of the first explanation).
