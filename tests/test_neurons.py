@@ -218,7 +218,9 @@ def test_sae_errors(tiny):
         steer(model, {"sae:model.layers.0": {0: 1.0}})
     with attnlrp().context(model), pytest.raises(RuntimeError, match="insert the autoencoder first"):
         insert_sae(model, "model.layers.0", _random_sae())
-    pair = insert_sae(model, "model.layers.0", (torch.nn.Linear(32, 8), torch.nn.Linear(8, 32)))
+    with pytest.raises(ValueError, match="convert it first"):
+        insert_sae(model, "model.layers.0", SparseAutoencoder(32, 8))  # float32 on a float64 model
+    pair = insert_sae(model, "model.layers.0", (torch.nn.Linear(32, 8).double(), torch.nn.Linear(8, 32).double()))
     assert pair.block.features.units == 8
 
 

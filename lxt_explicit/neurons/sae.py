@@ -142,6 +142,16 @@ def _feature_count(sae: nn.Module) -> int | None:
     return encoder.out_features if isinstance(encoder, nn.Linear) else None
 
 
+def _check_dtype(model: nn.Module, sae: nn.Module) -> None:
+    ours = next(iter(model.parameters()), None)
+    theirs = next(iter(sae.parameters()), None)
+    if ours is not None and theirs is not None and (ours.dtype, ours.device) != (theirs.dtype, theirs.device):
+        raise ValueError(
+            f"the autoencoder is {theirs.dtype} on {theirs.device} but the model {ours.dtype} on {ours.device}; "
+            f"convert it first: sae.to(dtype={ours.dtype}, device='{ours.device}')"
+        )
+
+
 class SAEInsertion:
     """An autoencoder inserted at a site (the context manager :func:`insert_sae` returns)."""
 
@@ -158,6 +168,7 @@ class SAEInsertion:
             raise RuntimeError(f"an autoencoder is already inserted at {site!r}; remove it first")
         self.model, self.site = model, site
         autoencoder = as_autoencoder(sae)
+        _check_dtype(model, autoencoder)
         self.block = _SAEBlock(autoencoder, _feature_count(autoencoder))
         self.spec = f"sae:{site}"
         self._hook = None
