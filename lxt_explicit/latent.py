@@ -6,6 +6,9 @@ pass: ``'mlp:K'`` (the neurons of block K's MLP), ``'heads:K'`` (the attention h
 With a sparse autoencoder inserted at module SITE (:func:`lxt_explicit.neurons.insert_sae`),
 ``'sae:SITE'`` names its features, ``'sae:SITE:error'`` its reconstruction error and
 ``'sae:SITE:reconstruction'`` its reconstruction.
+
+:func:`steer` (from :mod:`lxt_explicit.neurons.steer`, re-exported here) sets, scales or shifts
+chosen units while the model runs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LatentRecorder", "SAE_CHILD", "check_latent_specs", "decoder_layers", "latent_modules"]
+__all__ = ["LatentRecorder", "SAE_CHILD", "check_latent_specs", "decoder_layers", "latent_modules", "steer"]
 
 #: The name under which :func:`lxt_explicit.neurons.insert_sae` adds its block to the site module.
 SAE_CHILD = "lxt_sae"
@@ -155,3 +158,7 @@ class LatentRecorder:
         for handle in self.handles:
             handle.remove()
         return False
+
+
+# Re-exported last: lxt_explicit.neurons builds on the names above.
+from .neurons.steer import steer  # noqa: E402

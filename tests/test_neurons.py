@@ -107,6 +107,9 @@ def test_steered_unit_relevance_is_read_in_the_same_run(tiny):
 
 
 def test_steer_errors(tiny):
+    from lxt_explicit.latent import steer as latent_steer
+
+    assert latent_steer is steer  # also lxt_explicit.latent.steer
     model, _ = tiny
     with pytest.raises(ValueError, match="unknown unit spec"):
         steer(model, {"model.nothing": {0: 1.0}})

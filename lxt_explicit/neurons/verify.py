@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..explain import explain
 from .find import unit_relevance
 from .units import ActivationRecorder, unit_point
 
@@ -149,6 +148,8 @@ def ablation_curves(
     -------
     AblationCurves
     """
+    from ..explain import explain  # at call time: lxt_explicit.latent re-exports steer, and explain imports latent
+
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
     point = unit_point(model, spec)
