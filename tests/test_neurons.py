@@ -195,10 +195,23 @@ def test_sae_features_are_steered_found_and_explained_like_neurons(tiny):
         with steer(model, {inserted.spec: {unit: 0.0}}):
             logits(model, tokenizer)
         hook.remove()
+        label = label_units(model, tokenizer, CORPUS[:2], inserted.spec, unit, top=2, progress=False)
+        curves = ablation_curves(model, tokenizer, [PROMPT], inserted.spec, ks=[1, 2], random_draws=1)
     x, steered = captured[0], captured[-1]
     f = sae.encode(x)[..., unit : unit + 1]
     torch.testing.assert_close(steered, x - f * sae.decoder.weight[:, unit], rtol=1e-9, atol=1e-12)
     assert explanation.latent[inserted.spec].shape == (5, 64)
+    codes = [sae.encode(captured_site(model, tokenizer, t, site)).detach() for t in CORPUS[:2]]
+    assert label.by_activation[0].value == pytest.approx(max(float(c[0, :, unit].max()) for c in codes))
+    assert curves.drops["relevance"][0] >= curves.drops["random"][0] - 1e-12 and curves.spec == inserted.spec
+
+
+def captured_site(model, tokenizer, text, site):
+    kept = []
+    hook = model.get_submodule(site).register_forward_hook(lambda m, a, out: kept.append(out.detach()))
+    logits(model, tokenizer, text)
+    hook.remove()
+    return kept[0]
 
 
 def test_train_sae_reconstructs_better_than_the_mean(tiny):
