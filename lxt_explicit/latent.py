@@ -3,6 +3,12 @@
 A latent spec names where relevance is read inside the model during the explanation's backward
 pass: ``'mlp:K'`` (the neurons of block K's MLP), ``'heads:K'`` (the attention heads of block K),
 ``'NAME'`` / ``'NAME:output'`` (the output of module NAME) or ``'NAME:input'`` (its first input).
+With a sparse autoencoder inserted at module SITE (:func:`lxt_explicit.neurons.insert_sae`),
+``'sae:SITE'`` names its features, ``'sae:SITE:error'`` its reconstruction error and
+``'sae:SITE:reconstruction'`` its reconstruction.
+
+:func:`steer` (from :mod:`lxt_explicit.neurons.steer`, re-exported here) sets, scales or shifts
+chosen units while the model runs.
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LatentRecorder", "check_latent_specs", "decoder_layers", "latent_modules"]
+__all__ = ["LatentRecorder", "SAE_CHILD", "check_latent_specs", "decoder_layers", "latent_modules", "steer"]
+
+#: The name under which :func:`lxt_explicit.neurons.insert_sae` adds its block to the site module.
+SAE_CHILD = "lxt_sae"
+_SAE_PARTS = ("features", "error", "reconstruction")
 
 _MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "output.dense", "mlp.dense_4h_to_h")
 _ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "self_attn.out_proj", "self_attn.dense")
@@ -67,9 +77,25 @@ def latent_modules(model: nn.Module, spec: str) -> tuple[str, str, int]:
     match = re.fullmatch(r"(mlp|heads):(-?\d+)", spec)
     if match:
         return _block_unit(model, spec, match.group(1), int(match.group(2)))
+    if spec.startswith("sae:"):
+        return _sae_unit(model, spec), "output", 1
     name, _, where = spec.rpartition(":") if spec.endswith((":input", ":output")) else (spec, "", "output")
     model.get_submodule(name)  # raises AttributeError naming the missing module
     return name, where, 1
+
+
+def _sae_unit(model: nn.Module, spec: str) -> str:
+    site, _, part = spec[4:].rpartition(":") if spec.endswith(tuple(f":{p}" for p in _SAE_PARTS)) else (
+        spec[4:], "", "features")
+    name = f"{site}.{SAE_CHILD}.{part}"
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"{spec!r}: no sparse autoencoder is inserted at {site!r}; insert one first with "
+            "lxt_explicit.neurons.insert_sae(model, site, sae)"
+        ) from None
+    return name
 
 
 def _block_unit(model: nn.Module, spec: str, kind: str, index: int) -> tuple[str, str, int]:
@@ -132,3 +158,7 @@ class LatentRecorder:
         for handle in self.handles:
             handle.remove()
         return False
+
+
+# Re-exported last: lxt_explicit.neurons builds on the names above.
+from .neurons.steer import steer  # noqa: E402

@@ -18,6 +18,7 @@ import attributions  # noqa: E402
 import common  # noqa: E402
 import evaluation  # noqa: E402
 import faithfulness  # noqa: E402
+import neurons  # noqa: E402
 import overhead  # noqa: E402
 import speed  # noqa: E402
 
@@ -187,3 +188,25 @@ def test_evaluation_smoke(tmp_path):
     assert results["reading"]["largest_abpc_difference"] < 1e-9  # the published areas are the module's
     table = (tmp_path / "evaluation.md").read_text()
     assert "| AttnLRP |" in table and "Pearson" in table
+
+
+@pytest.mark.real_model
+def test_neurons_smoke(tmp_path):
+    skip_without_smollm2()  # the tiny random model uses SmolLM2's tokenizer
+    assert neurons.main(["--smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "neurons.json").read_text())
+    assert results["command"].startswith("python benchmarks/neurons.py --smoke")
+    assert [c["spec"] + " " + c["mode"] for c in results["curves"]] == ["mlp:1 zero", "mlp:1 mean"]
+    for curves in results["curves"]:
+        assert curves["ks"] == [1, 2, 3, 4] and set(curves["drops"]) == {"relevance", "activation", "random"}
+        assert all(len(curves["drops"][name]) == 4 and all(map(math.isfinite, curves["drops"][name]))
+                   for name in curves["drops"])
+    table = (tmp_path / "neurons.md").read_text()
+    assert "| relevance |" in table and "Command: `python benchmarks/neurons.py --smoke" in table
+
+
+def test_committed_neuron_results_match_their_table():
+    stored = json.loads((Path(neurons.__file__).parent / "results" / "neurons.json").read_text())
+    assert stored["command"].startswith("python benchmarks/neurons.py") and stored["model"] == "SmolLM2-135M-Instruct"
+    assert all(c["ks"] == list(range(1, 33)) for c in stored["curves"])
+    assert (Path(neurons.__file__).parent / "results" / "neurons.md").read_text() == neurons.markdown(stored)

@@ -29,6 +29,7 @@ EXPECTED = (
     "05_zennit_and_vision",
     "06_inseq_and_captum",
     "08_evaluating_explanations",
+    "09_knowledge_neurons",
 )
 CELL_TIMEOUT_S = 600
 
