@@ -13,7 +13,8 @@ Parts (``--parts``, default all):
   tokenizer: it proves the code path only (no masked LM with real weights is installed here).
 * ``patching``: indirect-object identification prompts; activation-patching effects of every
   attention head (all 30 blocks) and of a random sample of MLP neurons (4 blocks), against
-  relevance patching with AttnLRP and CP-LRP and attribution patching; Pearson's r.
+  relevance patching (RelP) with AttnLRP, CP-LRP and RelP's own rule set and attribution patching;
+  Pearson's r and the slope of each estimate on the effects, over all units and block by block.
 * ``reading``: the module reproduces ``faithfulness.json`` (the reading-comprehension results):
   ABPC of the first ``--reading-items`` prompts recomputed with ``lxt_explicit.evaluate`` from the
   scores stored there.
@@ -50,6 +51,7 @@ METHODS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "integrated_grad
            "attention_rollout", "random")
 ONE_PASS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "attention_rollout")
 ESTIMATE_LABELS = {"attnlrp": "relevance patching, AttnLRP", "cp_lrp": "relevance patching, CP-LRP",
+                   "relp_rules": "relevance patching, RelP's rules",
                    "attribution_patching": "attribution patching (gradient)"}
 
 
@@ -159,12 +161,17 @@ def run_patching(model, tokenizer, args, log) -> dict:
         clean = [float(p.target.value(model(input_ids=p.clean_ids, use_cache=False).logits)[0]) for p in prompts]
         corrupt = [float(p.target.value(model(input_ids=p.corrupt_ids, use_cache=False).logits)[0]) for p in prompts]
     start = time.perf_counter()
-    result = evaluate.patching_scores(model, prompts, head_specs + mlp_specs, units=units, batch=args.batch, log=log)
+    result = evaluate.patching_scores(model, prompts, head_specs + mlp_specs, units=units, batch=args.batch, log=log,
+                                      estimates=tuple(ESTIMATE_LABELS))
     seconds = time.perf_counter() - start
-    correlations = {kind: {e: result.correlation(e, kind) for e in result.estimates} for kind in ("heads", "mlp")}
+    kinds = ("heads", "mlp")
+    correlations = {kind: {e: result.correlation(e, kind) for e in result.estimates} for kind in kinds}
+    slopes = {kind: {e: result.slope(e, kind) for e in result.estimates} for kind in kinds}
+    per_block = {s: {e: {"r": result.correlation(e, [s]), "slope": result.slope(e, [s])} for e in result.estimates}
+                 for s in mlp_specs}
     return {"prompts": [p.text for p in prompts], "logit_difference_clean": clean,
             "logit_difference_corrupt": corrupt, "mlp_layers": mlp_layers, "neurons_per_layer": args.neurons,
-            "correlations": correlations, "seconds": seconds,
+            "correlations": correlations, "slopes": slopes, "mlp_per_block": per_block, "seconds": seconds,
             "effects": {s: v.mean(0).tolist() for s, v in result.effects.items()},
             "estimates": {e: {s: v.mean(0).tolist() for s, v in per.items()} for e, per in result.estimates.items()}}
 

@@ -56,11 +56,23 @@ def _patching(part: dict, estimate_labels: dict) -> list[str]:
              f"{part['neurons_per_layer']} random MLP neurons in each of blocks {part['mlp_layers']}.  Pearson's r "
              "between each estimate and the patching effects over units (effects and estimates averaged over "
              f"prompts); {part['seconds'] / 60:.1f} min.", "",
-             "| estimate | heads | MLP neurons |", "|---|---|---|"]
+             "| estimate | heads | MLP neurons | slope, heads | slope, MLP neurons |", "|---|---|---|---|---|"]
+    slopes = part.get("slopes")
     for estimate, label in estimate_labels.items():
         if estimate in part["correlations"]["heads"]:
-            lines.append(f"| {label} | **{part['correlations']['heads'][estimate]:.3f}** | "
-                         f"**{part['correlations']['mlp'][estimate]:.3f}** |")
+            row = f"| {label} | **{part['correlations']['heads'][estimate]:.3f}** | " \
+                  f"**{part['correlations']['mlp'][estimate]:.3f}** |"
+            row += f" {slopes['heads'][estimate]:.3f} | {slopes['mlp'][estimate]:.3f} |" if slopes else " | |"
+            lines.append(row)
+    if part.get("mlp_per_block"):
+        blocks = list(part["mlp_per_block"])
+        lines += ["", "Slope: least-squares slope of the estimate on the effects (1: on the effects' scale).  "
+                  "MLP neurons block by block, Pearson's r (slope):", "",
+                  "| estimate | " + " | ".join(blocks) + " |", "|---|" + "---|" * len(blocks)]
+        for estimate, label in estimate_labels.items():
+            if estimate in part["mlp_per_block"][blocks[0]]:
+                cells = (part["mlp_per_block"][b][estimate] for b in blocks)
+                lines.append(f"| {label} | " + " | ".join(f"{c['r']:.3f} ({c['slope']:.3f})" for c in cells) + " |")
     return lines + [""]
 
 
