@@ -468,6 +468,46 @@ def test_head_patching_on_a_causal_model_equals_a_hand_patched_forward():
     assert patching.unit_count(model, "heads:1") == model.config.num_attention_heads
 
 
+def test_position_units_patch_the_whole_activation_at_one_position_by_hand():
+    model = tlm.model(dtype=torch.float64).requires_grad_(False)
+    prompt = patching.PatchingPrompt(torch.tensor([[6, 7, 8, 9, 10, 11]]), torch.tensor([[6, 7, 8, 12, 10, 11]]),
+                                     Target(4, -1, 5))
+    spec = "model.layers.0.mlp.down_proj@4"  # the MLP's output at positions 2-5 (2 is before the change)
+    effects = patching.activation_patching(model, spec, prompt, batch=3)
+    assert patching.unit_count(model, spec) == 4 and effects.shape == (4,)
+    down = model.model.layers[0].mlp.down_proj
+    stored = []
+    handle = down.register_forward_hook(lambda m, args, out: stored.append(out))
+    model(input_ids=prompt.clean_ids), model(input_ids=prompt.corrupt_ids)
+    handle.remove()
+    clean = model(input_ids=prompt.clean_ids).logits[0, -1]
+    for unit, position in enumerate(range(2, 6)):
+        def put(module, args, out, position=position):
+            patched = out.clone()
+            patched[:, position] = stored[1][:, position]
+            return patched
+
+        handle = down.register_forward_hook(put)
+        logits = model(input_ids=prompt.clean_ids).logits[0, -1]
+        handle.remove()
+        expected = (logits[4] - logits[5]) - (clean[4] - clean[5])
+        assert float(effects[unit]) == pytest.approx(float(expected), rel=1e-8, abs=1e-12)
+    assert effects[0] == 0 and effects[1:].abs().min() > 0
+    # the estimates: coefficient times difference summed over the features of each position
+    atp = patching.attribution_patching(model, [spec, "mlp:1"], prompt)
+    embeddings = model.get_input_embeddings()(prompt.clean_ids).requires_grad_()
+    handle = down.register_forward_hook(lambda m, args, out: stored.append(out) or out.retain_grad())
+    logits = model(inputs_embeds=embeddings).logits[0, -1]
+    handle.remove()
+    (logits[4] - logits[5]).backward()
+    expected = (stored[-1].grad * (stored[1] - stored[0]))[0, 2:].sum(-1)
+    torch.testing.assert_close(atp[spec], expected, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="number of positions"):
+        patching.unit_count(model, "mlp:1@x")
+    with pytest.raises(ValueError, match="last 7 positions"):
+        patching.activation_patching(model, "mlp:1@7", prompt)
+
+
 def test_ioi_prompts_differ_in_the_second_subject_only():
     tokenizer = _word_tokenizer("When and went to the , gave a to".split() + [
         "Mary", "John", "Anna", "Peter", "store", "drink"])

@@ -37,12 +37,11 @@ GELUs is a poor guide.
 Units are the latent API's (:func:`lxt_explicit.latent.latent_modules`): ``'mlp:K'`` the neurons
 of block K's MLP (the input of its output projection, ``act(gate) * up`` in a gated MLP),
 ``'heads:K'`` the attention heads (the input of the attention's output projection, one slice per
-head), each summed over positions.  The agreement of an estimate with patching is Pearson's
-correlation over units of the effects averaged over prompts; :meth:`PatchingResult.slope` tells
-whether an estimate is scaled against the effects (a per-block scale lowers the correlation over
-several blocks).  For a causal model the positions before the first token where the clean and the
-corrupted prompt differ have the same activations in both; they are computed once and their keys
-and values reused.
+head), each summed over positions; ``'SPEC@N'`` (``'model.layers.3.mlp.down_proj@5'``, RelP's
+components): the whole activation at each of the last N positions.  The agreement with patching
+is Pearson's r over units of the effects averaged over prompts; :meth:`PatchingResult.slope` tells
+whether an estimate is scaled against the effects.  For a causal model the positions before the
+first token where the prompts differ are the same in both runs: computed once, keys and values reused.
 """
 
 from __future__ import annotations
@@ -125,8 +124,11 @@ def ioi_prompts(tokenizer, count: int = 8, *, seed: int = 0, device="cpu") -> li
 
 
 def unit_count(model: nn.Module, spec: str) -> int:
-    """Number of units of ``spec``: heads for ``'heads:K'``, features (neurons) otherwise."""
-    name, where, heads = latent_modules(model, spec)
+    """Number of units of ``spec``: heads for ``'heads:K'``, N for ``'SPEC@N'``, features (neurons) otherwise."""
+    base, last = _split_positions(spec)
+    if last:
+        return last
+    name, where, heads = latent_modules(model, base)
     if heads > 1:
         return heads
     return _features(model, name, where)
@@ -141,11 +143,20 @@ def _features(model: nn.Module, name: str, where: str) -> int:
     raise ValueError(f"cannot tell the number of units at {name}:{where}; use 'mlp:K', 'heads:K' or a linear layer")
 
 
+def _split_positions(spec: str) -> tuple[str, int]:
+    """``'SPEC@N'`` -> ``('SPEC', N)`` (units: the whole activation at each of the last N positions); else 0."""
+    base, at, last = spec.partition("@")
+    if at and not (last.isdigit() and int(last) > 0):
+        raise ValueError(f"{spec!r}: after '@' comes a number of positions (e.g. 'mlp:3@5'), got {last!r}")
+    return base, int(last) if at else 0
+
+
 class _Point:
     """Hooks at one latent point: record the activation (and its gradient slot), or replace it."""
 
     def __init__(self, model: nn.Module, spec: str):
-        self.name, self.where, self.heads = latent_modules(model, spec)
+        base, self.last = _split_positions(spec)
+        self.name, self.where, self.heads = latent_modules(model, base)
         self.module = model.get_submodule(self.name)
         self.activation, self.grad = None, None
 
@@ -170,7 +181,12 @@ class _Point:
         return self._hook(lambda tensor: torch.where(masks, values.to(tensor.dtype), tensor))
 
     def per_unit(self, values: torch.Tensor) -> torch.Tensor:
-        """``[batch, positions, features] -> [units]``: summed over positions (and a head's features), batch row 0."""
+        """``[batch, positions, features] -> [units]``: summed over positions (and a head's features), batch row 0;
+        for ``'SPEC@N'`` summed over features at each of the last N positions."""
+        if self.last:
+            if values.shape[1] < self.last:
+                raise ValueError(f"units at the last {self.last} positions, but the prompt has {values.shape[1]}")
+            return values[0, -self.last :].double().sum(-1)
         values = values[0].double().sum(0)
         return values.unflatten(-1, (self.heads, -1)).sum(-1) if self.heads > 1 else values
 
@@ -200,7 +216,9 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
     units = list(range(count)) if units is None else list(units)
     corrupt = _activations(model, point, prompt.corrupt_ids)
     width = corrupt.shape[-1] // (point.heads if point.heads > 1 else count)
-    prefix = _prefix_length(model, prompt)
+    prefix, length = _prefix_length(model, prompt), corrupt.shape[1]
+    if point.last > length:
+        raise ValueError(f"{spec!r}: units at the last {point.last} positions, but the prompt has {length}")
     cache = prefix_cache(model, prompt.clean_ids[:, :prefix]) if prefix else None
     suffix = prompt.clean_ids[:, prefix:]
     with torch.no_grad():
@@ -208,9 +226,7 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
     effects = []
     for start in range(0, len(units), batch):
         chunk = units[start : start + batch]
-        masks = torch.zeros(len(chunk), 1, corrupt.shape[-1], dtype=torch.bool, device=corrupt.device)
-        for row, unit in enumerate(chunk):
-            masks[row, 0, unit * width : (unit + 1) * width] = True
+        masks = _masks(chunk, point, width, length - prefix, corrupt)
         handle = point.replace(masks, corrupt[:, prefix:])
         try:
             with torch.no_grad():
@@ -222,6 +238,20 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
             handle.remove()
         effects.append(prompt.target.value(logits.double()).cpu() - clean_value)
     return torch.cat(effects)
+
+
+def _masks(chunk, point: _Point, width: int, suffix: int, corrupt: torch.Tensor) -> torch.Tensor:
+    """Where each unit of ``chunk`` sits in the activation of the positions after the shared prefix."""
+    if point.last:  # position suffix - last + unit; one before the prefix is the same in both runs: no change
+        masks = torch.zeros(len(chunk), suffix, 1, dtype=torch.bool, device=corrupt.device)
+        for row, unit in enumerate(chunk):
+            if suffix - point.last + unit >= 0:
+                masks[row, suffix - point.last + unit] = True
+        return masks
+    masks = torch.zeros(len(chunk), 1, corrupt.shape[-1], dtype=torch.bool, device=corrupt.device)
+    for row, unit in enumerate(chunk):
+        masks[row, 0, unit * width : (unit + 1) * width] = True
+    return masks
 
 
 def _gradient_slots(model: nn.Module, specs: Sequence[str], prompt: PatchingPrompt, composite: Composite | None):
