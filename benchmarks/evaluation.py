@@ -15,6 +15,9 @@ Parts (``--parts``, default all):
   attention head (all 30 blocks) and of a random sample of MLP neurons (4 blocks), against
   relevance patching (RelP) with AttnLRP, CP-LRP and RelP's own rule set and attribution patching;
   Pearson's r and the slope of each estimate on the effects, over all units and block by block.
+* ``components``: the same prompts with RelP's components as units: each block's residual stream
+  (its input), attention output and MLP output, the whole vector at one of the last
+  ``--positions`` positions (the second subject and after), patched one at a time.
 * ``reading``: the module reproduces ``faithfulness.json`` (the reading-comprehension results):
   ABPC of the first ``--reading-items`` prompts recomputed with ``lxt_explicit.evaluate`` from the
   scores stored there.
@@ -46,7 +49,10 @@ from attributions import LABELS  # noqa: E402
 from lxt_explicit import evaluate  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
 
-PARTS = ("entities", "agreement", "patching", "reading")
+PARTS = ("entities", "agreement", "patching", "components", "reading")
+#: RelP's components (a block's residual stream in, attention output, MLP output), as latent specs of Llama blocks
+COMPONENTS = {"residual stream": "model.layers.{k}:input", "attention output": "model.layers.{k}.self_attn.o_proj",
+              "MLP output": "model.layers.{k}.mlp.down_proj"}
 METHODS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion",
            "attention_rollout", "random")
 ONE_PASS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "attention_rollout")
@@ -176,6 +182,24 @@ def run_patching(model, tokenizer, args, log) -> dict:
             "estimates": {e: {s: v.mean(0).tolist() for s, v in per.items()} for e, per in result.estimates.items()}}
 
 
+def run_components(model, tokenizer, args, log) -> dict:
+    """RelP's units: whole component outputs at one position (large changes, unlike one neuron or head)."""
+    prompts = evaluate.ioi_prompts(tokenizer, args.patching_prompts)
+    layers = range(model.config.num_hidden_layers)
+    kinds = {kind: [f"{pattern.format(k=k)}@{args.positions}" for k in layers] for kind, pattern in COMPONENTS.items()}
+    start = time.perf_counter()
+    result = evaluate.patching_scores(model, prompts, [s for specs in kinds.values() for s in specs], batch=args.batch,
+                                      log=log, estimates=tuple(ESTIMATE_LABELS))
+    seconds = time.perf_counter() - start
+    first = [int((p.clean_ids != p.corrupt_ids)[0].nonzero()[0]) - p.clean_ids.shape[1] for p in prompts]
+    return {"prompts": [p.text for p in prompts], "positions": args.positions, "first_difference_from_end": first,
+            "correlations": {kind: {e: result.correlation(e, specs) for e in result.estimates}
+                             for kind, specs in kinds.items()},
+            "slopes": {kind: {e: result.slope(e, specs) for e in result.estimates} for kind, specs in kinds.items()},
+            "seconds": seconds, "effects": {s: v.mean(0).tolist() for s, v in result.effects.items()},
+            "estimates": {e: {s: v.mean(0).tolist() for s, v in per.items()} for e, per in result.estimates.items()}}
+
+
 def run_reading(args, log) -> dict:
     """ABPC of the stored reading-comprehension curves recomputed with lxt_explicit.evaluate.area_between."""
     stored = json.loads((common.RESULTS / "faithfulness.json").read_text())
@@ -196,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement-items", type=int, default=8, help="items per template")
     parser.add_argument("--patching-prompts", type=int, default=6)
     parser.add_argument("--neurons", type=int, default=128, help="random MLP neurons per sampled block")
+    parser.add_argument("--positions", type=int, default=5, help="components: the last N positions are units")
     parser.add_argument("--reading-items", type=int, default=55)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--entity-facts-only", action="store_true",
@@ -219,6 +244,7 @@ def main(argv=None) -> int:
     runners = {"entities": lambda: run_entities(model, tokenizer, args, common.log),
                "agreement": lambda: run_agreement(model, tokenizer, args, common.log),
                "patching": lambda: run_patching(model, tokenizer, args, common.log),
+               "components": lambda: run_components(model, tokenizer, args, common.log),
                "reading": lambda: run_reading(args, common.log)}
     results = {"model": description, "environment": common.environment(),
                "command": "python benchmarks/evaluation.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -76,6 +76,22 @@ def _patching(part: dict, estimate_labels: dict) -> list[str]:
     return lines + [""]
 
 
+def _components(part: dict, estimate_labels: dict) -> list[str]:
+    kinds = list(part["correlations"])
+    lines = ["## RelP's components against activation patching (indirect-object identification)", "",
+             f"{len(part['prompts'])} prompts (those of the patching table).  Units: each block's "
+             + ", ".join(kinds) + f", the whole vector at one of the last {part['positions']} positions (the "
+             f"prompts first differ at {sorted(set(part['first_difference_from_end']))} from the end), patched "
+             f"one at a time from the corrupted into the clean run.  Pearson's r (slope) over blocks and "
+             f"positions, effects and estimates averaged over prompts; {part['seconds'] / 60:.1f} min.", "",
+             "| estimate | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for estimate, label in estimate_labels.items():
+        if estimate in part["correlations"][kinds[0]]:
+            cells = (f"**{part['correlations'][k][estimate]:.3f}** ({part['slopes'][k][estimate]:.3f})" for k in kinds)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(results: dict, labels: dict, estimate_labels: dict, one_pass) -> str:
     env = results["environment"]
     lines = [f"# The evaluation module on {results['model']}", "",
@@ -93,6 +109,8 @@ def report(results: dict, labels: dict, estimate_labels: dict, one_pass) -> str:
                                   "Subject-verb agreement, masked-LM code path (tiny random BertForMaskedLM)")
     if "patching" in results:
         lines += _patching(results["patching"], estimate_labels)
+    if "components" in results:
+        lines += _components(results["components"], estimate_labels)
     if "reading" in results:
         part = results["reading"]
         lines += ["## Reading comprehension: the published numbers are the module's protocol", "",
