@@ -188,3 +188,5 @@ def test_evaluation_smoke(tmp_path):
     assert results["reading"]["largest_abpc_difference"] < 1e-9  # the published areas are the module's
     table = (tmp_path / "evaluation.md").read_text()
     assert "| AttnLRP |" in table and "Pearson" in table
+    assert set(results["components"]["correlations"]) == set(evaluation.COMPONENTS)
+    assert "RelP's components" in table and "| relevance patching, RelP's rules |" in table
