@@ -13,7 +13,11 @@ Parts (``--parts``, default all):
   tokenizer: it proves the code path only (no masked LM with real weights is installed here).
 * ``patching``: indirect-object identification prompts; activation-patching effects of every
   attention head (all 30 blocks) and of a random sample of MLP neurons (4 blocks), against
-  relevance patching with AttnLRP and CP-LRP and attribution patching; Pearson's r.
+  relevance patching (RelP) with AttnLRP, CP-LRP and RelP's own rule set and attribution patching;
+  Pearson's r and the slope of each estimate on the effects, over all units and block by block.
+* ``components``: the same prompts with RelP's components as units: each block's residual stream
+  (its input), attention output and MLP output, the whole vector at one of the last
+  ``--positions`` positions (the second subject and after), patched one at a time.
 * ``reading``: the module reproduces ``faithfulness.json`` (the reading-comprehension results):
   ABPC of the first ``--reading-items`` prompts recomputed with ``lxt_explicit.evaluate`` from the
   scores stored there.
@@ -45,11 +49,15 @@ from attributions import LABELS  # noqa: E402
 from lxt_explicit import evaluate  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
 
-PARTS = ("entities", "agreement", "patching", "reading")
+PARTS = ("entities", "agreement", "patching", "components", "reading")
+#: RelP's components (a block's residual stream in, attention output, MLP output), as latent specs of Llama blocks
+COMPONENTS = {"residual stream": "model.layers.{k}:input", "attention output": "model.layers.{k}.self_attn.o_proj",
+              "MLP output": "model.layers.{k}.mlp.down_proj"}
 METHODS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion",
            "attention_rollout", "random")
 ONE_PASS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "attention_rollout")
 ESTIMATE_LABELS = {"attnlrp": "relevance patching, AttnLRP", "cp_lrp": "relevance patching, CP-LRP",
+                   "relp_rules": "relevance patching, RelP's rules",
                    "attribution_patching": "attribution patching (gradient)"}
 
 
@@ -159,13 +167,36 @@ def run_patching(model, tokenizer, args, log) -> dict:
         clean = [float(p.target.value(model(input_ids=p.clean_ids, use_cache=False).logits)[0]) for p in prompts]
         corrupt = [float(p.target.value(model(input_ids=p.corrupt_ids, use_cache=False).logits)[0]) for p in prompts]
     start = time.perf_counter()
-    result = evaluate.patching_scores(model, prompts, head_specs + mlp_specs, units=units, batch=args.batch, log=log)
+    result = evaluate.patching_scores(model, prompts, head_specs + mlp_specs, units=units, batch=args.batch, log=log,
+                                      estimates=tuple(ESTIMATE_LABELS))
     seconds = time.perf_counter() - start
-    correlations = {kind: {e: result.correlation(e, kind) for e in result.estimates} for kind in ("heads", "mlp")}
+    kinds = ("heads", "mlp")
+    correlations = {kind: {e: result.correlation(e, kind) for e in result.estimates} for kind in kinds}
+    slopes = {kind: {e: result.slope(e, kind) for e in result.estimates} for kind in kinds}
+    per_block = {s: {e: {"r": result.correlation(e, [s]), "slope": result.slope(e, [s])} for e in result.estimates}
+                 for s in mlp_specs}
     return {"prompts": [p.text for p in prompts], "logit_difference_clean": clean,
             "logit_difference_corrupt": corrupt, "mlp_layers": mlp_layers, "neurons_per_layer": args.neurons,
-            "correlations": correlations, "seconds": seconds,
+            "correlations": correlations, "slopes": slopes, "mlp_per_block": per_block, "seconds": seconds,
             "effects": {s: v.mean(0).tolist() for s, v in result.effects.items()},
+            "estimates": {e: {s: v.mean(0).tolist() for s, v in per.items()} for e, per in result.estimates.items()}}
+
+
+def run_components(model, tokenizer, args, log) -> dict:
+    """RelP's units: whole component outputs at one position (large changes, unlike one neuron or head)."""
+    prompts = evaluate.ioi_prompts(tokenizer, args.patching_prompts)
+    layers = range(model.config.num_hidden_layers)
+    kinds = {kind: [f"{pattern.format(k=k)}@{args.positions}" for k in layers] for kind, pattern in COMPONENTS.items()}
+    start = time.perf_counter()
+    result = evaluate.patching_scores(model, prompts, [s for specs in kinds.values() for s in specs], batch=args.batch,
+                                      log=log, estimates=tuple(ESTIMATE_LABELS))
+    seconds = time.perf_counter() - start
+    first = [int((p.clean_ids != p.corrupt_ids)[0].nonzero()[0]) - p.clean_ids.shape[1] for p in prompts]
+    return {"prompts": [p.text for p in prompts], "positions": args.positions, "first_difference_from_end": first,
+            "correlations": {kind: {e: result.correlation(e, specs) for e in result.estimates}
+                             for kind, specs in kinds.items()},
+            "slopes": {kind: {e: result.slope(e, specs) for e in result.estimates} for kind, specs in kinds.items()},
+            "seconds": seconds, "effects": {s: v.mean(0).tolist() for s, v in result.effects.items()},
             "estimates": {e: {s: v.mean(0).tolist() for s, v in per.items()} for e, per in result.estimates.items()}}
 
 
@@ -189,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--agreement-items", type=int, default=8, help="items per template")
     parser.add_argument("--patching-prompts", type=int, default=6)
     parser.add_argument("--neurons", type=int, default=128, help="random MLP neurons per sampled block")
+    parser.add_argument("--positions", type=int, default=5, help="components: the last N positions are units")
     parser.add_argument("--reading-items", type=int, default=55)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--entity-facts-only", action="store_true",
@@ -212,6 +244,7 @@ def main(argv=None) -> int:
     runners = {"entities": lambda: run_entities(model, tokenizer, args, common.log),
                "agreement": lambda: run_agreement(model, tokenizer, args, common.log),
                "patching": lambda: run_patching(model, tokenizer, args, common.log),
+               "components": lambda: run_components(model, tokenizer, args, common.log),
                "reading": lambda: run_reading(args, common.log)}
     results = {"model": description, "environment": common.environment(),
                "command": "python benchmarks/evaluation.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -56,11 +56,39 @@ def _patching(part: dict, estimate_labels: dict) -> list[str]:
              f"{part['neurons_per_layer']} random MLP neurons in each of blocks {part['mlp_layers']}.  Pearson's r "
              "between each estimate and the patching effects over units (effects and estimates averaged over "
              f"prompts); {part['seconds'] / 60:.1f} min.", "",
-             "| estimate | heads | MLP neurons |", "|---|---|---|"]
+             "| estimate | heads | MLP neurons | slope, heads | slope, MLP neurons |", "|---|---|---|---|---|"]
+    slopes = part.get("slopes")
     for estimate, label in estimate_labels.items():
         if estimate in part["correlations"]["heads"]:
-            lines.append(f"| {label} | **{part['correlations']['heads'][estimate]:.3f}** | "
-                         f"**{part['correlations']['mlp'][estimate]:.3f}** |")
+            row = f"| {label} | **{part['correlations']['heads'][estimate]:.3f}** | " \
+                  f"**{part['correlations']['mlp'][estimate]:.3f}** |"
+            row += f" {slopes['heads'][estimate]:.3f} | {slopes['mlp'][estimate]:.3f} |" if slopes else " | |"
+            lines.append(row)
+    if part.get("mlp_per_block"):
+        blocks = list(part["mlp_per_block"])
+        lines += ["", "Slope: least-squares slope of the estimate on the effects (1: on the effects' scale).  "
+                  "MLP neurons block by block, Pearson's r (slope):", "",
+                  "| estimate | " + " | ".join(blocks) + " |", "|---|" + "---|" * len(blocks)]
+        for estimate, label in estimate_labels.items():
+            if estimate in part["mlp_per_block"][blocks[0]]:
+                cells = (part["mlp_per_block"][b][estimate] for b in blocks)
+                lines.append(f"| {label} | " + " | ".join(f"{c['r']:.3f} ({c['slope']:.3f})" for c in cells) + " |")
+    return lines + [""]
+
+
+def _components(part: dict, estimate_labels: dict) -> list[str]:
+    kinds = list(part["correlations"])
+    lines = ["## RelP's components against activation patching (indirect-object identification)", "",
+             f"{len(part['prompts'])} prompts (those of the patching table).  Units: each block's "
+             + ", ".join(kinds) + f", the whole vector at one of the last {part['positions']} positions (the "
+             f"prompts first differ at {sorted(set(part['first_difference_from_end']))} from the end), patched "
+             f"one at a time from the corrupted into the clean run.  Pearson's r (slope) over blocks and "
+             f"positions, effects and estimates averaged over prompts; {part['seconds'] / 60:.1f} min.", "",
+             "| estimate | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for estimate, label in estimate_labels.items():
+        if estimate in part["correlations"][kinds[0]]:
+            cells = (f"**{part['correlations'][k][estimate]:.3f}** ({part['slopes'][k][estimate]:.3f})" for k in kinds)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -81,6 +109,8 @@ def report(results: dict, labels: dict, estimate_labels: dict, one_pass) -> str:
                                   "Subject-verb agreement, masked-LM code path (tiny random BertForMaskedLM)")
     if "patching" in results:
         lines += _patching(results["patching"], estimate_labels)
+    if "components" in results:
+        lines += _components(results["components"], estimate_labels)
     if "reading" in results:
         part = results["reading"]
         lines += ["## Reading comprehension: the published numbers are the module's protocol", "",

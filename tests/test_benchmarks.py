@@ -184,10 +184,13 @@ def test_evaluation_smoke(tmp_path):
         assert entry["abpc"][1] <= entry["abpc"][0] + 1e-12 <= entry["abpc"][2] + 2e-12
     causal = results["agreement"]["causal"]
     assert causal["items"] == 2 * 5 and 0 <= causal["accuracy"] <= 1
-    assert set(results["patching"]["correlations"]["heads"]) == {"attnlrp", "cp_lrp", "attribution_patching"}
+    assert set(results["patching"]["correlations"]["heads"]) == set(evaluation.ESTIMATE_LABELS)
+    assert set(results["patching"]["mlp_per_block"]) and set(results["patching"]["slopes"]) == {"heads", "mlp"}
     assert results["reading"]["largest_abpc_difference"] < 1e-9  # the published areas are the module's
     table = (tmp_path / "evaluation.md").read_text()
     assert "| AttnLRP |" in table and "Pearson" in table
+    assert set(results["components"]["correlations"]) == set(evaluation.COMPONENTS)
+    assert "RelP's components" in table and "| relevance patching, RelP's rules |" in table
 
 
 @pytest.mark.real_model

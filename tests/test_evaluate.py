@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import tiny_language_model as tlm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lxt_explicit as lxt
@@ -313,6 +315,131 @@ def test_on_a_linear_model_patching_attribution_and_relevance_patching_agree_exa
         assert result.correlation(estimate, "mlp") == pytest.approx(1.0, abs=1e-4)
 
 
+class TinyRMSNorm(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class GatedBlock(nn.Module):
+    """Pre-norm block: causal attention with 2 heads (scaled_dot_product_attention), then a gated SiLU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = TinyRMSNorm(4), TinyRMSNorm(4)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(4, 4, bias=False))
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj = nn.Linear(4, 5, bias=False), nn.Linear(4, 5, bias=False)
+        self.mlp.down_proj = nn.Linear(5, 4, bias=False)
+
+    def forward(self, x):
+        h, attn = self.norm1(x), self.self_attn
+        q, k, v = (p(h).unflatten(-1, (2, 2)).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2)
+        x = x + attn.o_proj(out)
+        h = self.norm2(x)
+        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class GatedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Embedding(8, 4)
+        self.layers = nn.ModuleList(GatedBlock() for _ in range(2))
+        self.norm, self.head = TinyRMSNorm(4), nn.Linear(4, 3, bias=False)
+        self.double().requires_grad_(False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = layer(x)
+        return SimpleNamespace(logits=self.head(self.norm(x)))
+
+
+def _coefficient_by_hand(model, ids, rules):
+    """d m / d a at the input of block 0's down_proj under the rules, written as modified forward functions.
+
+    'gradient': plain; 'relp': RMS norms with a constant scale, SiLU by the identity rule (x * (silu(x) / x)
+    as a constant), gated products halved (p / 2 + (p / 2) as a constant); 'attnlrp': also q k^T and A v
+    halved (uniform rule), the softmax by its gradient.
+    """
+    def half(p):
+        return p if rules == "gradient" else p / 2 + (p / 2).detach()
+
+    def norm(module, x):
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x * (scale if rules == "gradient" else scale.detach()) * module.weight
+
+    def silu(x):
+        return F.silu(x) if rules == "gradient" else x * (F.silu(x) / x).detach()
+
+    def attention(q, k, v):
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
+        weights = torch.softmax(scores if rules != "attnlrp" else half(scores), -1)
+        return weights @ v if rules != "attnlrp" else half(weights @ v)
+
+    x = model.embed(ids)
+    neurons = None
+    for index, layer in enumerate(model.layers):
+        h, attn = norm(layer.norm1, x), layer.self_attn
+        q, k, v = (p(h).unflatten(-1, (2, 2)).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        x = x + attn.o_proj(attention(q, k, v).transpose(1, 2).flatten(-2))
+        h = norm(layer.norm2, x)
+        a = half(silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+        if index == 0:
+            neurons = a.detach().requires_grad_()
+            a = neurons
+        x = x + layer.mlp.down_proj(a)
+    logits = model.head(norm(model.norm, x))
+    (logits[0, -1, 0] - logits[0, -1, 1]).backward()
+    return neurons.grad
+
+
+def test_relevance_patching_on_a_gated_attention_model_uses_the_hand_written_rule_coefficients():
+    model = GatedBlocks()
+    prompt = patching.PatchingPrompt(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]]), Target(0, -1, 1))
+    stored = []
+    handle = model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, args: stored.append(args[0]))
+    model(input_ids=prompt.clean_ids), model(input_ids=prompt.corrupt_ids)
+    handle.remove()
+    difference = stored[1] - stored[0]
+    assert difference[0, 0].abs().max() == 0 and difference[0, 1:].abs().min() > 0  # position 0 is shared
+    for rules, estimate in (("gradient", lambda: patching.attribution_patching(model, "mlp:0", prompt)),
+                            ("relp", lambda: patching.relevance_patching(
+                                model, "mlp:0", prompt, composite=patching.relp_rules(epsilon=1e-12))),
+                            ("attnlrp", lambda: patching.relevance_patching(
+                                model, "mlp:0", prompt, composite=lxt.attnlrp(epsilon=1e-12)))):
+        expected = (_coefficient_by_hand(model, prompt.clean_ids, rules) * difference)[0].sum(0)
+        torch.testing.assert_close(estimate(), expected, rtol=1e-6, atol=1e-10)
+    # the three differ on this model: the rules are not the gradient
+    coefficients = [_coefficient_by_hand(model, prompt.clean_ids, r) for r in ("gradient", "relp", "attnlrp")]
+    assert min(float((c - d).abs().max()) for c, d in itertools.combinations(coefficients, 2)) > 1e-3
+
+
+def test_slope_and_correlation_by_hand():
+    effects = {"mlp:0": np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), "mlp:1": np.array([[0.0, 4.0, 2.0]])}
+    guesses = {"half": {"mlp:0": np.array([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]]), "mlp:1": np.array([[0.0, 2.0, 1.0]])},
+               "odd": {"mlp:0": np.array([[1.0, 0.0, 2.0], [1.0, 0.0, 2.0]]), "mlp:1": np.array([[3.0, 3.0, 3.0]])}}
+    result = patching.PatchingResult(effects, guesses)
+    assert result.slope("half") == pytest.approx(0.5, rel=1e-12)
+    # odd on mlp:0: effects 1, 2, 3 (mean 2), guesses 1, 0, 2 (mean 1): sum of products (-1)(0) + 0(-1) + 1(1) = 1,
+    # sum of squares 2 -> slope 0.5, r = 1 / sqrt(2 * 2) = 0.5
+    assert result.slope("odd", ["mlp:0"]) == pytest.approx(0.5, rel=1e-12)
+    assert result.correlation("odd", ["mlp:0"]) == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="all equal"):
+        patching.PatchingResult({"mlp:0": np.ones((1, 3))}, {"x": {"mlp:0": np.arange(3.0)[None]}}).slope("x")
+
+
 def test_head_patching_on_a_causal_model_equals_a_hand_patched_forward():
     model = tlm.model(dtype=torch.float64).requires_grad_(False)
     prompt = patching.PatchingPrompt(torch.tensor([[6, 7, 8, 9, 10, 11]]), torch.tensor([[6, 7, 8, 12, 10, 11]]),
@@ -339,6 +466,46 @@ def test_head_patching_on_a_causal_model_equals_a_hand_patched_forward():
         expected = (logits[4] - logits[5]) - (clean[4] - clean[5])
         assert float(effects[head]) == pytest.approx(float(expected), rel=1e-8, abs=1e-12)
     assert patching.unit_count(model, "heads:1") == model.config.num_attention_heads
+
+
+def test_position_units_patch_the_whole_activation_at_one_position_by_hand():
+    model = tlm.model(dtype=torch.float64).requires_grad_(False)
+    prompt = patching.PatchingPrompt(torch.tensor([[6, 7, 8, 9, 10, 11]]), torch.tensor([[6, 7, 8, 12, 10, 11]]),
+                                     Target(4, -1, 5))
+    spec = "model.layers.0.mlp.down_proj@4"  # the MLP's output at positions 2-5 (2 is before the change)
+    effects = patching.activation_patching(model, spec, prompt, batch=3)
+    assert patching.unit_count(model, spec) == 4 and effects.shape == (4,)
+    down = model.model.layers[0].mlp.down_proj
+    stored = []
+    handle = down.register_forward_hook(lambda m, args, out: stored.append(out))
+    model(input_ids=prompt.clean_ids), model(input_ids=prompt.corrupt_ids)
+    handle.remove()
+    clean = model(input_ids=prompt.clean_ids).logits[0, -1]
+    for unit, position in enumerate(range(2, 6)):
+        def put(module, args, out, position=position):
+            patched = out.clone()
+            patched[:, position] = stored[1][:, position]
+            return patched
+
+        handle = down.register_forward_hook(put)
+        logits = model(input_ids=prompt.clean_ids).logits[0, -1]
+        handle.remove()
+        expected = (logits[4] - logits[5]) - (clean[4] - clean[5])
+        assert float(effects[unit]) == pytest.approx(float(expected), rel=1e-8, abs=1e-12)
+    assert effects[0] == 0 and effects[1:].abs().min() > 0
+    # the estimates: coefficient times difference summed over the features of each position
+    atp = patching.attribution_patching(model, [spec, "mlp:1"], prompt)
+    embeddings = model.get_input_embeddings()(prompt.clean_ids).requires_grad_()
+    handle = down.register_forward_hook(lambda m, args, out: stored.append(out) or out.retain_grad())
+    logits = model(inputs_embeds=embeddings).logits[0, -1]
+    handle.remove()
+    (logits[4] - logits[5]).backward()
+    expected = (stored[-1].grad * (stored[1] - stored[0]))[0, 2:].sum(-1)
+    torch.testing.assert_close(atp[spec], expected, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="number of positions"):
+        patching.unit_count(model, "mlp:1@x")
+    with pytest.raises(ValueError, match="last 7 positions"):
+        patching.activation_patching(model, "mlp:1@7", prompt)
 
 
 def test_ioi_prompts_differ_in_the_second_subject_only():

@@ -1,26 +1,47 @@
 """Component relevance against activation patching: which heads and MLP neurons carry a behavior?
 
-The check of RelP (Jafari et al. 2025, "Relevance Patching"): on prompts with a known circuit
-(indirect-object identification: "When Mary and John went to the store, John gave a drink to" ->
-" Mary"), the metric is the logit difference ``m = logit(IO) - logit(S)``.  A corrupted prompt
-replaces the second mention of S by a third name, so that it no longer says who the answer is.
+The check of RelP (Jafari et al. 2025, "RelP: Faithful and Efficient Circuit Discovery via Relevance
+Patching"): on prompts with a known circuit (indirect-object identification: "When Mary and John went
+to the store, John gave a drink to" -> " Mary"), the metric is the logit difference
+``m = logit(IO) - logit(S)``.  A corrupted prompt replaces the second mention of S by a third name, so
+that it no longer says who the answer is.  Every estimate below runs in the same direction as the
+patching it estimates (from the corrupted into the clean run) and on the same metric.
 
 * **Activation patching** (the ground truth): the effect of unit ``u`` is
   ``m(clean with a_u from the corrupted run) - m(clean)``; one forward pass per unit.
 * **Attribution patching** (AtP, the baseline): the first-order estimate
-  ``sum_(positions, features of u) dm/da * (a_corrupt - a_clean)`` from one backward pass.
-* **Relevance patching** (RelP): the same with the LRP propagation coefficient in place of the
-  gradient.  The relevance the latent API records at an activation is ``R = a * c`` (activation
-  times coefficient, the rules being linear in the relevance they receive), so
-  ``c = R / a_clean`` and the estimate is ``sum c * (a_corrupt - a_clean)``.  Where ``a_clean`` is
-  exactly 0 its relevance is 0 and the coefficient is taken as 0.
+  ``sum_(positions, features of u) dm/da(clean) * (a_corrupt - a_clean)`` from one backward pass.
+* **Relevance patching** (RelP): the same with the LRP propagation coefficient ``c`` in place of
+  the gradient, RelP's ``effect(u) ~ sum c(clean) * (a_corrupt - a_clean)``.  ``c`` is the
+  "modified gradient" of LRP in its Gradient x Input form: the relevance at an activation is
+  ``R = a * c``.  The rules here are linear in the relevance they receive and the backward pass
+  starts at the two logits with their own values (``R = logit``, coefficient 1 per logit), so the
+  relevance the latent API records gives ``c = R / a_clean`` exactly: ``c`` is the derivative of
+  ``m`` under the rules (a linear layer's coefficient is its weight, a residual sum passes it
+  unchanged, the uniform rule halves it for each factor of a product, the identity rule of an RMS
+  norm or an activation gives ``y / x``).  Where ``a_clean`` is exactly 0 its relevance is 0 and
+  the coefficient is taken as 0.  Note that RelP is *not* the relevance ``R`` itself: a unit whose
+  activation does not change has no effect, however relevant it is in the clean run.
+
+Rule sets (``composite``): AttnLRP (:func:`lxt_explicit.attnlrp`: the uniform rule on ``q k^T``
+and on ``A v`` halves every coefficient that passes through attention, and a gated MLP's product
+halves those through the MLP), CP-LRP (attention weights and gates constant) and
+:func:`relp_rules`, the rules of RelP's own code: normalizations with a constant scale (LN-rule),
+activations by the identity rule, the gated product halved, attention by its gradient.  Each rule
+that departs from the gradient is a different linearization; where patching a unit changes the
+metric almost linearly (single heads and neurons are small changes), the gradient is the exact
+first-order term and no rule set can beat it.  RelP reports its gains for large changes (a block's
+whole MLP output or residual stream at one position, GPT-2), where the gradient of layer norms and
+GELUs is a poor guide.
 
 Units are the latent API's (:func:`lxt_explicit.latent.latent_modules`): ``'mlp:K'`` the neurons
-of block K's MLP (the input of its output projection), ``'heads:K'`` the attention heads (the
-input of the attention's output projection, one slice per head).  The agreement of an estimate
-with patching is Pearson's correlation over units of the effects averaged over prompts.  For a
-causal model the positions before the first token where the clean and the corrupted prompt
-differ have the same activations in both; they are computed once and their keys and values reused.
+of block K's MLP (the input of its output projection, ``act(gate) * up`` in a gated MLP),
+``'heads:K'`` the attention heads (the input of the attention's output projection, one slice per
+head), each summed over positions; ``'SPEC@N'`` (``'model.layers.3.mlp.down_proj@5'``, RelP's
+components): the whole activation at each of the last N positions.  The agreement with patching
+is Pearson's r over units of the effects averaged over prompts; :meth:`PatchingResult.slope` tells
+whether an estimate is scaled against the effects.  For a causal model the positions before the
+first token where the prompts differ are the same in both runs: computed once, keys and values reused.
 """
 
 from __future__ import annotations
@@ -39,12 +60,14 @@ from torch import nn
 from ..composite import Composite
 from ..latent import latent_modules
 from ..presets import attnlrp, cp_lrp
+from ..rules import TaylorDecompositionRule
+from ..stabilizer import DEFAULT_EPSILON
 from .perturbation import cache_arguments, prefix_cache
 from .statistics import pearson
 from .target import Target, is_causal_lm, model_logits
 
 __all__ = ["PatchingPrompt", "PatchingResult", "activation_patching", "attribution_patching", "ioi_prompts",
-           "patching_scores", "relevance_patching", "unit_count"]
+           "patching_scores", "relevance_patching", "relp_rules", "unit_count"]
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,11 @@ def ioi_prompts(tokenizer, count: int = 8, *, seed: int = 0, device="cpu") -> li
 
 
 def unit_count(model: nn.Module, spec: str) -> int:
-    """Number of units of ``spec``: heads for ``'heads:K'``, features (neurons) otherwise."""
-    name, where, heads = latent_modules(model, spec)
+    """Number of units of ``spec``: heads for ``'heads:K'``, N for ``'SPEC@N'``, features (neurons) otherwise."""
+    base, last = _split_positions(spec)
+    if last:
+        return last
+    name, where, heads = latent_modules(model, base)
     if heads > 1:
         return heads
     return _features(model, name, where)
@@ -117,11 +143,20 @@ def _features(model: nn.Module, name: str, where: str) -> int:
     raise ValueError(f"cannot tell the number of units at {name}:{where}; use 'mlp:K', 'heads:K' or a linear layer")
 
 
+def _split_positions(spec: str) -> tuple[str, int]:
+    """``'SPEC@N'`` -> ``('SPEC', N)`` (units: the whole activation at each of the last N positions); else 0."""
+    base, at, last = spec.partition("@")
+    if at and not (last.isdigit() and int(last) > 0):
+        raise ValueError(f"{spec!r}: after '@' comes a number of positions (e.g. 'mlp:3@5'), got {last!r}")
+    return base, int(last) if at else 0
+
+
 class _Point:
     """Hooks at one latent point: record the activation (and its gradient slot), or replace it."""
 
     def __init__(self, model: nn.Module, spec: str):
-        self.name, self.where, self.heads = latent_modules(model, spec)
+        base, self.last = _split_positions(spec)
+        self.name, self.where, self.heads = latent_modules(model, base)
         self.module = model.get_submodule(self.name)
         self.activation, self.grad = None, None
 
@@ -146,7 +181,12 @@ class _Point:
         return self._hook(lambda tensor: torch.where(masks, values.to(tensor.dtype), tensor))
 
     def per_unit(self, values: torch.Tensor) -> torch.Tensor:
-        """``[batch, positions, features] -> [units]``: summed over positions (and a head's features), batch row 0."""
+        """``[batch, positions, features] -> [units]``: summed over positions (and a head's features), batch row 0;
+        for ``'SPEC@N'`` summed over features at each of the last N positions."""
+        if self.last:
+            if values.shape[1] < self.last:
+                raise ValueError(f"units at the last {self.last} positions, but the prompt has {values.shape[1]}")
+            return values[0, -self.last :].double().sum(-1)
         values = values[0].double().sum(0)
         return values.unflatten(-1, (self.heads, -1)).sum(-1) if self.heads > 1 else values
 
@@ -176,7 +216,9 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
     units = list(range(count)) if units is None else list(units)
     corrupt = _activations(model, point, prompt.corrupt_ids)
     width = corrupt.shape[-1] // (point.heads if point.heads > 1 else count)
-    prefix = _prefix_length(model, prompt)
+    prefix, length = _prefix_length(model, prompt), corrupt.shape[1]
+    if point.last > length:
+        raise ValueError(f"{spec!r}: units at the last {point.last} positions, but the prompt has {length}")
     cache = prefix_cache(model, prompt.clean_ids[:, :prefix]) if prefix else None
     suffix = prompt.clean_ids[:, prefix:]
     with torch.no_grad():
@@ -184,9 +226,7 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
     effects = []
     for start in range(0, len(units), batch):
         chunk = units[start : start + batch]
-        masks = torch.zeros(len(chunk), 1, corrupt.shape[-1], dtype=torch.bool, device=corrupt.device)
-        for row, unit in enumerate(chunk):
-            masks[row, 0, unit * width : (unit + 1) * width] = True
+        masks = _masks(chunk, point, width, length - prefix, corrupt)
         handle = point.replace(masks, corrupt[:, prefix:])
         try:
             with torch.no_grad():
@@ -198,6 +238,20 @@ def activation_patching(model: nn.Module, spec: str, prompt: PatchingPrompt, *, 
             handle.remove()
         effects.append(prompt.target.value(logits.double()).cpu() - clean_value)
     return torch.cat(effects)
+
+
+def _masks(chunk, point: _Point, width: int, suffix: int, corrupt: torch.Tensor) -> torch.Tensor:
+    """Where each unit of ``chunk`` sits in the activation of the positions after the shared prefix."""
+    if point.last:  # position suffix - last + unit; one before the prefix is the same in both runs: no change
+        masks = torch.zeros(len(chunk), suffix, 1, dtype=torch.bool, device=corrupt.device)
+        for row, unit in enumerate(chunk):
+            if suffix - point.last + unit >= 0:
+                masks[row, suffix - point.last + unit] = True
+        return masks
+    masks = torch.zeros(len(chunk), 1, corrupt.shape[-1], dtype=torch.bool, device=corrupt.device)
+    for row, unit in enumerate(chunk):
+        masks[row, 0, unit * width : (unit + 1) * width] = True
+    return masks
 
 
 def _gradient_slots(model: nn.Module, specs: Sequence[str], prompt: PatchingPrompt, composite: Composite | None):
@@ -270,10 +324,26 @@ def relevance_patching(model: nn.Module, specs: str | Sequence[str], prompt: Pat
     return _estimate(model, specs, prompt, attnlrp() if composite is None else composite, use_relevance=True)
 
 
+def relp_rules(*, epsilon: float = DEFAULT_EPSILON) -> Composite:
+    """The rules of RelP's code (Jafari et al. 2025) as a composite: AttnLRP with attention by its gradient.
+
+    As there: normalizations with a constant scale (LN-rule; AttnLRP's identity rule of RMS
+    norms), element-wise activations by the identity rule, a gated product split uniformly
+    between its factors (half rule), and attention (``F.scaled_dot_product_attention``, and the
+    matrix products of eager attention) by Gradient x Input
+    (:class:`~lxt_explicit.rules.TaylorDecompositionRule` linearized at the input), so that its
+    coefficients are the plain gradient, where AttnLRP halves them.  ``nn.MultiheadAttention``
+    keeps AttnLRP's rule.
+    """
+    taylor = TaylorDecompositionRule(epsilon=epsilon)
+    return attnlrp(epsilon=epsilon, ops={"attention": taylor, "matmul": taylor})
+
+
 #: The estimates :func:`patching_scores` computes by default: ``estimate(model, specs, prompt) -> {spec: [units]}``.
 ESTIMATES = MappingProxyType({
     "attnlrp": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=attnlrp()),
     "cp_lrp": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=cp_lrp()),
+    "relp_rules": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=relp_rules()),
     "attribution_patching": attribution_patching,
 })
 
@@ -306,6 +376,20 @@ class PatchingResult:
         guess = np.concatenate([self.estimates[estimate][s].mean(0) for s in chosen])
         return pearson(guess, truth)
 
+    def slope(self, estimate: str, specs: Sequence[str] | str | None = None) -> float:
+        """Least-squares slope of an estimate on the patching effects (with intercept), means over prompts.
+
+        1 for an estimate on the effects' scale; a rule set that shrinks the coefficients of some
+        blocks shows it here block by block (``specs=['mlp:3']``).  ``specs`` as in :meth:`correlation`.
+        """
+        chosen = self._specs(specs)
+        truth = np.concatenate([self.effects[s].mean(0) for s in chosen])
+        guess = np.concatenate([self.estimates[estimate][s].mean(0) for s in chosen])
+        spread = float(((truth - truth.mean()) ** 2).sum())
+        if spread == 0:
+            raise ValueError(f"the patching effects of {chosen} are all equal; a slope needs effects that differ")
+        return float(((truth - truth.mean()) * (guess - guess.mean())).sum() / spread)
+
     def _specs(self, specs) -> list[str]:
         if specs is None:
             return list(self.effects)
@@ -332,8 +416,8 @@ def patching_scores(model: nn.Module, prompts: Sequence[PatchingPrompt], specs: 
     specs : sequence of str
         Latent specs (``'mlp:K'``, ``'heads:K'``, a module name).
     estimates : mapping or sequence of str
-        Names of the built-in estimates (``'attnlrp'``, ``'cp_lrp'``: relevance patching with that
-        preset; ``'attribution_patching'``), or a mapping of names to
+        Names of the built-in estimates (``'attnlrp'``, ``'cp_lrp'``, ``'relp_rules'``: relevance
+        patching with that rule set; ``'attribution_patching'``), or a mapping of names to
         ``estimate(model, specs, prompt) -> {spec: [all units]}``.
     units : mapping, optional
         ``spec -> unit indices`` to patch (default: all; e.g. a random sample of an MLP's neurons).
