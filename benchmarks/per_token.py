@@ -37,7 +37,7 @@ from lxt_explicit.per_token import explain_tokens  # noqa: E402
 from lxt_explicit.presets import attnlrp  # noqa: E402
 
 PROMPTS = {
-    "smollm2": "Write one sentence about the history of Paris, the capital of France.",
+    "smollm2": "The history of Paris, the capital of France, began",
     "tiny": "t5 t9 t3 t7 t2",
 }
 

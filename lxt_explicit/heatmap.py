@@ -156,9 +156,11 @@ def html_heatmap(
     for index, (text, value) in enumerate(zip(clean_tokens(tokens) if clean else list(tokens), values)):
         r, g, b = colour(value, scale)
         escaped = html_lib.escape(text).replace("\n", "<br>")
+        label = html_lib.escape(repr(tokens[index]))
         spans.append(
-            f'<span style="background:rgb({r},{g},{b});color:#000;white-space:pre-wrap" '
-            f'title="#{index} {html_lib.escape(repr(tokens[index]))}: {value:.6g}">{escaped}</span>'
+            f'<span class="token" data-position="{index}" data-label="{label}" data-relevance="{value!r}" '
+            f'style="background:rgb({r},{g},{b});color:#000;white-space:pre-wrap" '
+            f'title="#{index} {label}: {value:.6g}">{escaped}</span>'
         )
     legend = f"colour scale: blue = -{scale:.4g}, white = 0, red = +{scale:.4g}; hover a token for its relevance"
     body = (
@@ -169,6 +171,29 @@ def html_heatmap(
     )
     if fragment:
         return f"<div>{body}</div>"
+    return page(title, body + HOVER_BOX + f"<script>{HOVER_SCRIPT}</script>")
+
+
+#: The element that shows the hovered token's relevance (``id="hover-value"``), and the script that fills it
+#: from the ``data-position``, ``data-label`` and ``data-relevance`` attributes of elements of class ``token``.
+HOVER_BOX = (
+    "<div id='hover-value' style='position:sticky;bottom:0;background:#f4f4f4;border-top:1px solid #ccc;"
+    "padding:0.3em;font-family:monospace;min-height:1.2em'>hover a token</div>"
+)
+HOVER_SCRIPT = """
+document.addEventListener('mouseover', function (event) {
+  var token = event.target.closest('.token');
+  if (!token || token.dataset.relevance === undefined) return;
+  var value = Number(token.dataset.relevance);
+  var shown = isFinite(value) ? value.toPrecision(6) : token.dataset.relevance;
+  document.getElementById('hover-value').textContent =
+    '#' + token.dataset.position + ' ' + token.dataset.label + ': ' + shown;
+});
+"""
+
+
+def page(title: str, body: str) -> str:
+    """A self-contained HTML page (UTF-8) with ``body``."""
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{html_lib.escape(title)}</title>"
