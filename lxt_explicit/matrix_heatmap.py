@@ -136,8 +136,8 @@ def png_matrix_heatmap(matrix, path: str | Path, *, title: str = "", cell: float
     finite = values[~later & np.isfinite(values)]
     scale = float(np.abs(finite).max()) if finite.size else 0.0
     values[later] = np.nan
-    colours = ListedColormap([[c / 255 for c in colour(v, 1.0)] for v in np.linspace(-1, 1, 255)])
-    colours.set_bad((0.85, 0.85, 0.85))
+    colours = ListedColormap([[c / 255 for c in colour(v, 1.0)] for v in np.linspace(-1, 1, 255)]).with_extremes(
+        bad=(0.85, 0.85, 0.85))
     labels = [repr(t)[1:-1] for t in matrix.token_texts]
     figure = Figure(figsize=(2.0 + cell * length, 1.5 + cell * answer), dpi=110)
     FigureCanvasAgg(figure)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from .explain import METHODS, _check_options, _extend, _resolve_tokens, _source_name
 from .explanation import Explanation, _check_count
+from .explanation_io import load_fields, long_frame, model_description, save_fields
 from .prompts import check_prompts, encode, prompt_text, token_texts
 from .targets import needed_logits, token_name
 
@@ -54,8 +56,10 @@ class TokenMatrix:
         ``'token'`` (each row explains its answer token's logit) or ``'max'`` (the largest logit).
     source_relevance : dict
         Relevance of every relevance source (token embeddings, position embeddings, ...) as matrices.
-    method, epsilon, text, offsets, prompt, stop_reason, discarded_ids, discarded_text
+    method, epsilon, text, offsets, prompt, stop_reason, discarded_ids, discarded_text, model, dtype
         As in :class:`~lxt_explicit.explanation.Explanation`.
+    target_names : list of str
+        Each row's answer token as the tokenizer names it alone.
     """
 
     token_ids: list[int]
@@ -75,6 +79,8 @@ class TokenMatrix:
     discarded_ids: list[int] = field(default_factory=list)
     discarded_text: str = ""
     target_names: list[str] = field(default_factory=list)
+    model: str = ""
+    dtype: str = ""
 
     def __post_init__(self):
         if not self.token_texts:
@@ -115,7 +121,7 @@ class TokenMatrix:
             target_value=float(self.target_values[row]), target_ids=[token],
             source_relevance={k: v[row, :end].clone() for k, v in self.source_relevance.items()},
             method=self.method, text=self.text, offsets=list(self.offsets[:end]), token_texts=self.token_texts[:end],
-            epsilon=self.epsilon, prompt=self.prompt,
+            epsilon=self.epsilon, prompt=self.prompt, model=self.model, dtype=self.dtype,
         )
 
     def terminal(self, row: int) -> str:
@@ -138,6 +144,29 @@ class TokenMatrix:
         from .matrix_heatmap import png_matrix_heatmap
 
         return png_matrix_heatmap(self, path, **options)
+
+    def save(self, path) -> Path:
+        """Write the matrix as ``NAME.json`` + ``NAME.safetensors`` (:mod:`lxt_explicit.explanation_io`)."""
+        return save_fields(self, path, "token_matrix")
+
+    @classmethod
+    def load(cls, path) -> TokenMatrix:
+        """Read a matrix written by :meth:`save` (equal to the saved one, tensors bit for bit)."""
+        return cls(**load_fields(path, "token_matrix"))
+
+    def to_pandas(self):
+        """Long table, one row per (answer token, earlier token): row, row_label, position, text, token, relevance.
+
+        Only the entries before each row's own token are listed (the others are zero by causality).
+        Needs pandas (``pip install 'lxt_explicit[data]'``).
+        """
+        columns = {"token": self.tokens, "token_id": self.token_ids,
+                   "in_prompt": [i < self.prompt_length for i in range(len(self.tokens))]}
+        constants = {"method": self.method, "prompt": self.prompt, "score": self.score}
+        valid = [self.prompt_length + r for r in range(len(self))]
+        frame = long_frame(self.relevance, self.token_texts, "text", self.token_texts[self.prompt_length :],
+                           constants, columns, valid)
+        return frame.rename(columns={"index": "position"})
 
     def top_tokens(self, row: int, k: int = 10) -> list[tuple[int, str, float]]:
         """The ``k`` most relevant tokens for answer token ``row`` as ``(position, text, relevance)``."""
@@ -232,6 +261,7 @@ def _explain_one(model, tokenizer, prompt: str, options: dict, chunk: int) -> To
         raise RuntimeError(f"no relevance arrived at the input embeddings ({token_source}); the composite needs a "
                            "RelevanceSource on them (the presets have one)")
     texts = token_texts(tokenizer, sequence)
+    description = model_description(model)
     return TokenMatrix(
         token_ids=list(sequence), tokens=tokenizer.convert_ids_to_tokens(list(sequence)),
         relevance=sources[token_source], prompt_length=len(ids), target_values=values,
@@ -239,6 +269,7 @@ def _explain_one(model, tokenizer, prompt: str, options: dict, chunk: int) -> To
         method=options["method"] if own else "custom", text=text, offsets=offsets, token_texts=texts,
         epsilon=options["epsilon"] if own else None, prompt=prompt, stop_reason=reason, discarded_ids=discarded,
         discarded_text=discarded_text, target_names=[token_name(tokenizer, t) for t in sequence[len(ids):]],
+        model=description[0], dtype=description[1],
     )
 
 
