@@ -90,7 +90,7 @@ def save_fields(obj, path, kind: str) -> Path:
         "reproduce": {**reproduce, "versions": versions()},
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tensor_path),
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tensor_path),
               metadata={"schema_version": str(SCHEMA_VERSION), "kind": kind})
     json_path.write_text(json.dumps(document, ensure_ascii=False, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return json_path
