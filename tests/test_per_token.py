@@ -7,6 +7,7 @@ import re
 import pytest
 import tiny_language_model as tlm
 import torch
+from conftest import skip_without_smollm2
 
 from lxt_explicit.explain import explain
 from lxt_explicit.per_token import TokenMatrix, explain_tokens
@@ -180,3 +181,24 @@ def test_top_tokens_of_a_row(matrix):
     top = matrix.top_tokens(1, k=3)
     values = matrix.relevance[1, : matrix.prompt_length + 1]
     assert [p for p, _, _ in top] == torch.argsort(values, descending=True)[:3].tolist()
+
+
+# ------------------------------------------------------------------------------------ the real model
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_rows_equal_separate_explanations_on_smollm2_in_float64():
+    skip_without_smollm2()
+    from lxt_explicit.models.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float64)
+    matrix = explain_tokens(model, tokenizer, "The capital of France is", max_new_tokens=4, stop="eos")
+    assert len(matrix) == 4 and matrix.answer_text.startswith(" Paris")
+    assert_rows_equal(matrix, separate_rows(model, matrix.token_ids, matrix.prompt_length), atol=1e-6)
+    # and the public explain (float32 relevance) on the prefix before the answer's third token
+    row = matrix.row(2)
+    expected = explain(model, tokenizer, row.text + "".join(row.token_texts[len(row.offsets) :]),
+                       target=matrix.token_ids[matrix.prompt_length + 2])
+    assert expected.token_ids == row.token_ids
+    torch.testing.assert_close(row.relevance.float(), expected.relevance, atol=1e-5, rtol=1e-5)
