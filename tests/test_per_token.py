@@ -202,3 +202,21 @@ def test_rows_equal_separate_explanations_on_smollm2_in_float64():
                        target=matrix.token_ids[matrix.prompt_length + 2])
     assert expected.token_ids == row.token_ids
     torch.testing.assert_close(row.relevance.float(), expected.relevance, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [4, 64])  # 64: a wide layer, whose rows without relevance are skipped unbatched
+def test_batched_relevance_of_a_linear_layer_is_the_literal_rule(width):
+    from conftest import stab
+
+    import lxt_explicit.functional as lf
+    from lxt_explicit.stabilizer import is_batched
+
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(width, 5, dtype=torch.float64)
+    y = lf.linear_epsilon(x, weight, epsilon=1e-6)
+    seeds = torch.randn(6, 3, width, dtype=torch.float64)
+    seeds[:, 1:] = 0  # relevance at one position only
+    (batched,) = torch.autograd.grad(y, x, seeds, is_grads_batched=True, retain_graph=True)
+    literal = torch.stack([x.detach() * ((s / stab(y.detach(), 1e-6)) @ weight) for s in seeds])
+    torch.testing.assert_close(batched, literal, atol=1e-12, rtol=0)
+    assert not is_batched(x) and not is_batched(seeds)
