@@ -65,7 +65,9 @@ class Aggregated:
     text : str
         The explained text (prompt text followed by the answer).
     row_labels : list of str
-        For a matrix: the answer token of each row.
+        For a matrix: the answer token (or word, sentence with ``rows=True``) of each row.
+    row_groups : list of list of int
+        For a matrix: the answer tokens (row numbers of the matrix) of each row.
     """
 
     labels: list[str]
@@ -76,6 +78,7 @@ class Aggregated:
     reduce: str = "sum"
     text: str = ""
     row_labels: list[str] = field(default_factory=list)
+    row_groups: list[list[int]] = field(default_factory=list)
 
     def group_of(self, position: int) -> int | None:
         """The index of the (first) group that holds token ``position``; ``None`` if none does."""
@@ -165,7 +168,7 @@ def _assign(located, text: str, units: list[tuple[int, int]]) -> list[list[int]]
     return list(members.values())
 
 
-def _result(explained, text, located, groups, level, reduce) -> Aggregated:
+def _result(explained, text, located, groups, level, reduce, rows: bool = False) -> Aggregated:
     group_spans = []
     for group in groups:
         placed = [located[p] for p in group if located[p] is not None]
@@ -174,25 +177,40 @@ def _result(explained, text, located, groups, level, reduce) -> Aggregated:
         text[a:b] if b > a else "".join(explained.token_texts[p] for p in group)
         for group, (a, b) in zip(groups, group_spans)
     ]
+    relevance = aggregate(explained.relevance, groups, reduce)
     matrix = explained.relevance.dim() == 2
-    rows = list(explained.token_texts[explained.prompt_length :]) if matrix else []
+    row_labels = list(explained.token_texts[explained.prompt_length :]) if matrix else []
+    row_groups = [[p - explained.prompt_length] for p in range(explained.prompt_length, len(located))]
+    if rows and matrix:  # the answer's rows too: the answer part of each group that reaches into the answer
+        row_groups = [[p - explained.prompt_length for p in g if p >= explained.prompt_length] for g in groups]
+        row_groups = [g for g in row_groups if g]
+        row_labels = ["".join(explained.token_texts[explained.prompt_length + r] for r in g) for g in row_groups]
+        relevance = aggregate(relevance.transpose(0, 1), row_groups, reduce).transpose(0, 1)
+    elif rows:
+        raise ValueError("rows=True aggregates the rows of a matrix (a TokenMatrix); this is a vector")
     return Aggregated(
-        labels=labels, groups=[list(g) for g in groups], spans=group_spans,
-        relevance=aggregate(explained.relevance, groups, reduce), level=level,
-        reduce=reduce if isinstance(reduce, str) else getattr(reduce, "__name__", "custom"), text=text, row_labels=rows,
+        labels=labels, groups=[list(g) for g in groups], spans=group_spans, relevance=relevance, level=level,
+        reduce=reduce if isinstance(reduce, str) else getattr(reduce, "__name__", "custom"), text=text,
+        row_labels=row_labels, row_groups=row_groups if matrix else [],
     )
 
 
-def words(explained, tokenizer, *, reduce: str | Callable = "sum") -> Aggregated:
-    """Relevance per word of the tokenizer (pieces of one word combined with ``reduce``)."""
+def words(explained, tokenizer, *, reduce: str | Callable = "sum", rows: bool = False) -> Aggregated:
+    """Relevance per word of the tokenizer (pieces of one word combined with ``reduce``).
+
+    For a matrix, ``rows=True`` combines its rows (answer tokens) into answer words as well.
+    """
     text = full_text(explained)
     located = token_character_spans(explained)
     groups = _assign(located, text, _word_spans(tokenizer, text))
-    return _result(explained, text, located, groups, "word", reduce)
+    return _result(explained, text, located, groups, "word", reduce, rows)
 
 
-def sentences(explained, tokenizer, *, reduce: str | Callable = "sum") -> Aggregated:
-    """Relevance per sentence: the tokenizer's words grouped by the sentence their first letter is in."""
+def sentences(explained, tokenizer, *, reduce: str | Callable = "sum", rows: bool = False) -> Aggregated:
+    """Relevance per sentence: the tokenizer's words grouped by the sentence their first letter is in.
+
+    For a matrix, ``rows=True`` combines its rows (answer tokens) into answer sentences as well.
+    """
     text = full_text(explained)
     located = token_character_spans(explained)
     bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
@@ -207,7 +225,7 @@ def sentences(explained, tokenizer, *, reduce: str | Callable = "sum") -> Aggreg
         anchor = _anchor(placed[0], text)
         unit = next((u for u, (a, b) in enumerate(units) if a <= anchor < b), len(units) - 1)
         merged.setdefault(("unit", unit), []).extend(group)
-    return _result(explained, text, located, list(merged.values()), "sentence", reduce)
+    return _result(explained, text, located, list(merged.values()), "sentence", reduce, rows)
 
 
 def spans(

@@ -91,6 +91,12 @@ def test_a_matrix_aggregates_its_columns_and_answer_tokens_are_placed_after_the_
     assert result.labels == ["the", " café", " 😀", " is", " closed", ".", " paris"]
     assert result.relevance.shape == (len(matrix), 7) and result.row_labels == matrix.token_texts[2:]
     torch.testing.assert_close(result.relevance[:, 2], matrix.relevance[:, 2:7].sum(-1), atol=0, rtol=0)
+    both = words(matrix, tokenizer, rows=True)  # answer words as rows too: ' 😀' is one row, the sum of five
+    assert both.row_labels == [" 😀", " is", " closed", ".", " paris"] and both.row_groups[0] == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(both.relevance[0], result.relevance[:5].sum(0), atol=0, rtol=0)
+    torch.testing.assert_close(both.relevance[2], result.relevance[6:8].sum(0), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="rows=True aggregates the rows of a matrix"):
+        words(explain(model, tokenizer, "the café"), tokenizer, rows=True)
     table = result.to_pandas()
     assert len(table) == len(matrix) * 7 and set(table["level"]) == {"word"}
     assert table.loc[(table["row"] == 5) & (table["index"] == 2), "relevance"].item() == pytest.approx(
