@@ -308,7 +308,7 @@ def _start(values: torch.Tensor, captured: list, answer: int):
     takes all logits to it: row ``t`` lands at position ``t`` alone.  Otherwise the rows start at
     the logits themselves.
     """
-    if len(captured) == 1 and captured[0].dim() == 3 and captured[0].shape[1] >= answer:
+    if len(captured) == 1 and captured[0].dim() == 3 and captured[0].shape[1] > answer:
         hidden = captured[0]
         (relevance,) = torch.autograd.grad(values, hidden, grad_outputs=values.detach(), retain_graph=True)
         offset = hidden.shape[1] - answer - 1

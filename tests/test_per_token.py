@@ -220,3 +220,9 @@ def test_batched_relevance_of_a_linear_layer_is_the_literal_rule(width):
     literal = torch.stack([x.detach() * ((s / stab(y.detach(), 1e-6)) @ weight) for s in seeds])
     torch.testing.assert_close(batched, literal, atol=1e-12, rtol=0)
     assert not is_batched(x) and not is_batched(seeds)
+
+
+def test_without_output_embeddings_the_rows_start_at_the_logits(model, tokenizer, matrix, monkeypatch):
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    again = explain_tokens(model, tokenizer, PROMPT, continuation=matrix.answer_text, chunk=4)
+    torch.testing.assert_close(again.relevance, matrix.relevance, atol=1e-12, rtol=0)
