@@ -9,7 +9,8 @@ For a 32-token answer of SmolLM2 (generated greedily), the median time of
 
 their ratio, and the largest absolute difference between the matrix rows and the separate
 explanations: in float32 (the timed runs; the forward passes over prompt + answer and over a
-prefix round differently) and in float64 (one extra run each, the separate explanations
+prefix round differently; and against the same matrix with one backward pass per row, ``chunk=1``,
+after the same forward pass) and in float64 (one extra run each, the separate explanations
 written out in float64, since ``explain`` returns float32: rounding does not hide a difference of
 method there).
 
@@ -97,7 +98,9 @@ def max_difference(matrix, rows) -> float:
 
 def run(name: str, answer: int, repeats: int, chunk: int) -> dict:
     common.set_threads()
-    results = {"model": name, "answer_tokens": answer, "chunk": chunk, "repeats": repeats}
+    # the environment (commit, uncommitted changes) of the code that runs, recorded before it runs
+    results = {"model": name, "answer_tokens": answer, "chunk": chunk, "repeats": repeats,
+               "environment": common.environment()}
     for dtype in (torch.float32, torch.float64):
         model, tokenizer = load(name, dtype)
         for parameter in model.parameters():
@@ -121,9 +124,11 @@ def run(name: str, answer: int, repeats: int, chunk: int) -> dict:
                 repeats, warmup=0, log=common.log,
             )
             results["times"] = times
+            unbatched = explain_tokens(model, tokenizer, PROMPTS[name], **{**given, "chunk": 1})
+            difference = (unbatched.relevance - matrix.relevance).abs().max()
+            results["max_abs_difference_float32_unbatched"] = float(difference)
             results["ratio"] = times["per_token"]["median_s"] / times["separate"]["median_s"]
         common.log(f"{key}: {results}")
-    results["environment"] = common.environment()
     return results
 
 
@@ -145,7 +150,8 @@ def markdown(results: dict, command: str) -> str:
         "Largest absolute difference between the matrix rows and the separate explanations: "
         f"{results['max_abs_difference_float64']:.2g} in float64, {results['max_abs_difference_float32']:.2g} in "
         f"float32 (largest relevance {results['max_abs_relevance_float32']:.3g}; the forward passes over the whole "
-        "sequence and over a prefix round differently in float32).",
+        "sequence and over a prefix round differently in float32). Batched and one-at-a-time backward passes after "
+        f"the same forward pass differ by {results['max_abs_difference_float32_unbatched']:.2g} in float32.",
         "",
         f"Command: `{command}`",
         "",
