@@ -70,11 +70,7 @@ def html_matrix_heatmap(matrix, *, title: str = "Relevance per answer token") ->
     options = "".join(
         f'<option value="{t}">{t}: {html_lib.escape(repr(texts[prompt_length + t]))}</option>' for t in range(len(rows))
     )
-    spans = "".join(
-        f'<span class="token" data-position="{i}" data-label="{_label(text)}" '
-        f'style="white-space:pre-wrap">{html_lib.escape(text).replace(chr(10), "<br>")}</span>'
-        for i, text in enumerate(texts)
-    )
+    spans = "".join(_row_span(i, text, rows[0] if rows else [], prompt_length) for i, text in enumerate(texts))
     data = json.dumps({"relevance": [_finite(r) for r in rows], "prompt_length": prompt_length})
     body = (
         f"<h3>{html_lib.escape(title)}</h3>"
@@ -88,6 +84,19 @@ def html_matrix_heatmap(matrix, *, title: str = "Relevance per answer token") ->
         f"<script>{HOVER_SCRIPT}{_SCRIPT}</script>"
     )
     return page(title, body)
+
+
+def _row_span(position: int, text: str, row: list[float], end: int) -> str:
+    """A token of the row view, coloured for the first row (the page's script recolours it for the chosen one)."""
+    style = "white-space:pre-wrap"
+    value = ""
+    if position < end:
+        scale = max((abs(v) for v in row[:end] if math.isfinite(v)), default=0.0)
+        r, g, b = colour(row[position], scale)
+        style += f";background:rgb({r},{g},{b})"
+        value = f' data-relevance="{row[position]!r}"'
+    return (f'<span class="token" data-position="{position}" data-label="{_label(text)}"{value} '
+            f'style="{style}">{html_lib.escape(text).replace(chr(10), "<br>")}</span>')
 
 
 def _table(rows: list[list[float]], texts: list[str], prompt_length: int) -> str:

@@ -159,6 +159,8 @@ def test_matrix_html_has_a_row_selector_values_and_a_hover_element(matrix):
     assert {"row-select", "row-tokens", "hover-value", "matrix", "matrix-data"} <= ids
     options = [attrs for tag, attrs in parser.found if tag == "option"]
     assert [o["value"] for o in options] == [str(t) for t in range(len(matrix))]
+    shown = [attrs for tag, attrs in parser.found if tag == "span" and "data-relevance" in attrs]  # row 0 at first
+    assert [float(a["data-relevance"]) for a in shown] == matrix.relevance[0, : matrix.prompt_length].tolist()
     cells = [attrs for tag, attrs in parser.found if tag == "td" and "data-relevance" in attrs]
     assert len(cells) == sum(matrix.prompt_length + t for t in range(len(matrix)))
     for cell in cells[:5]:  # the table's cells carry the exact values
