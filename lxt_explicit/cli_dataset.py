@@ -34,7 +34,7 @@ def add_parser(commands, *, positive, dtypes, default_model: str) -> None:
                                           "process's device)")
     command.add_argument("--batch-size", type=positive, default=8, help="rows per forward and backward pass")
     command.add_argument("--per-token", action="store_true",
-                         help="also the relevance of every token for every explained position")
+                         help="explain every token of each answer: the relevance of every earlier token for it")
     command.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     command.add_argument("--max-new-tokens", type=positive,
                          help="explain the model's generated answer (rows without target or continuation)")
@@ -140,8 +140,8 @@ def run(args) -> int:
         options["max_new_tokens"] = args.max_new_tokens
     try:
         check_options(options, args.per_token)
-    except ValueError as error:
-        raise UsageError(str(error).replace("per-token needs", "--per-token needs")) from None
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
     device = _device(args)
     _check_device(device)
     model, tokenizer, description = _load(args.model, args.dtype, device)

@@ -17,6 +17,9 @@ row with its ``"id"`` and two fields:
 * ``"error"``: ``None``, or ``"ErrorType: message"`` when the row could not be explained (the run
   goes on with the next row).
 
+With ``per_token=True`` every row's answer is explained token by token instead
+(:func:`per_token_output`: the relevance matrix and the sum of its rows).
+
 The rows of a batch that explain the next token are explained in one padded forward and backward
 pass, each with its own target and contrast (the results equal those of one row at a time; rows
 with a continuation are explained one at a time).  A batch that fails is explained again row by
@@ -36,8 +39,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from .explain import METHODS, explain
+from .per_token import explain_tokens
 from .runfiles import RunFiles, complete_lines
-from .sinks import sink_shares
+from .sinks import relevance_shares, sink_shares, special_positions
 from .targets import needed_logits
 
 __all__ = ["RunSummary", "answer_ranks", "check_options", "explain_dataset", "explain_rows", "read_rows", "row_key",
@@ -102,16 +106,15 @@ def check_options(options: Mapping[str, Any], per_token: bool = False) -> dict:
     if per_row:
         raise ValueError(f"{per_row} come from each row (its 'prompt', 'target', 'contrast', 'continuation' "
                          "fields), not from the options of the run; put them in the rows")
-    parameters = inspect.signature(explain).parameters
+    parameters = inspect.signature(explain_tokens if per_token else explain).parameters
     unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise TypeError(f"explain() has no option(s) {unknown}; its options are {sorted(set(parameters) - {'model'})}")
+        function = "explain_tokens() (per-token rows)" if per_token else "explain()"
+        raise TypeError(f"{function} has no option(s) {unknown}; its options are "
+                        f"{sorted(set(parameters) - {'model', 'tokenizer', 'prompt', 'continuation'})}")
     if options.get("composite") is None and options.get("method", "attnlrp") not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {options.get('method')!r}")
     if per_token:
-        if "per_token" not in parameters:
-            raise ValueError("per-token needs explain(per_token=True) (the relevance of every token for every "
-                             "explained position), which this version of lxt_explicit.explain does not have")
         options["per_token"] = True
     return options
 
@@ -131,7 +134,8 @@ def explain_rows(
     batch_size : int
         Rows explained together, padded, in one forward and backward pass.
     per_token : bool
-        Ask ``explain`` for per-token relevance (``per_token=True``; an error if it has no such option).
+        Explain every token of each row's answer with :func:`~lxt_explicit.per_token.explain_tokens`
+        (one row of relevance per answer token; see :func:`per_token_output`), one row at a time.
     skip : callable, optional
         ``skip(index, key) -> bool``: rows for which it is true are not explained and not yielded
         (used for resuming and sharding).
@@ -180,6 +184,8 @@ def _pending(rows: Iterable[Mapping], skip) -> Iterator[tuple[int, dict]]:
 
 def _explain_batch(model, tokenizer, batch: list[tuple[int, dict]], options: dict) -> list[dict]:
     """Output rows of one batch: next-token rows explained together (each with its own target), errors per row."""
+    if options.get("per_token"):
+        return [per_token_output(model, tokenizer, row, options) for _, row in batch]
     outputs: list[dict | None] = [None] * len(batch)
     groups: dict[str | None, list[int]] = {}
     for position, (_, row) in enumerate(batch):
@@ -198,6 +204,54 @@ def _explain_batch(model, tokenizer, batch: list[tuple[int, dict]], options: dic
             else:
                 outputs[member] = {**row, "explanation": result, "error": None}
     return outputs
+
+
+def per_token_output(model, tokenizer, row: dict, options: dict) -> dict:
+    """The output row of a per-token run: the relevance of every earlier token for each answer token.
+
+    The answer is the row's ``"continuation"``, else its ``"target"`` (as text), else generated
+    greedily (``max_new_tokens``, default 32).  ``"explanation"`` holds ``token_texts``, ``token_ids``,
+    ``prompt_length``, ``answer``, ``matrix`` (row ``t``: the relevance of the tokens before answer
+    token ``t`` for its logit, :func:`~lxt_explicit.per_token.explain_tokens`), ``target_values`` (each
+    row's logit), ``method``, ``epsilon``, ``stop_reason``, and, for the whole answer, the sum of the
+    rows as ``relevance`` (the explanation of the sum of the answer's logits, ``target_value``),
+    ``conservation`` and ``relevance_shares`` (:mod:`lxt_explicit.sinks`; per row in
+    ``relevance_shares_per_token``).
+    """
+    problem = _row_problem(row)
+    answer = row.get("continuation") or row.get("target")
+    if not problem and answer is not None and not isinstance(answer, str):
+        problem = f"a per-token row's 'target' is the answer's text, got {answer!r}"
+    if problem:
+        return {**row, "explanation": None, "error": f"ValueError: {problem}"}
+    kwargs = {key: value for key, value in options.items() if key != "per_token"}
+    if answer is None:
+        kwargs.setdefault("max_new_tokens", 32)
+    else:
+        kwargs.pop("max_new_tokens", None)
+    try:
+        matrix = explain_tokens(model, tokenizer, row["prompt"], continuation=answer, **kwargs)
+    except Exception as error:  # noqa: BLE001 - recorded in the row, the run goes on
+        return {**row, "explanation": None, "error": _describe(error)}
+    start, special = matrix.prompt_length, special_positions(tokenizer, matrix.token_ids)
+    rows = [matrix.relevance[t, : start + t].double() for t in range(len(matrix))]
+    total, value = matrix.relevance.double().sum(0), float(matrix.target_values.double().sum())
+
+    def shares(values):
+        found = relevance_shares(values, [p for p in special if p < len(values)])
+        return {k: (v if math.isfinite(v) else None) for k, v in found.items()}
+
+    explanation = {
+        "token_texts": list(matrix.token_texts), "token_ids": list(matrix.token_ids), "prompt_length": start,
+        "answer": matrix.answer_text, "matrix": [r.tolist() for r in rows],
+        "target_values": matrix.target_values.tolist(), "method": matrix.method, "epsilon": matrix.epsilon,
+        "stop_reason": matrix.stop_reason, "target": f"every token of the answer {matrix.answer_text!r} (rows summed)",
+        "target_value": value, "relevance": total.tolist(),
+        "conservation": float(total.sum()) / value if value else None,
+        "relevance_shares": {**shares(total), "special_positions": special},
+        "relevance_shares_per_token": [shares(r) for r in rows],
+    }
+    return {**row, "explanation": explanation, "error": None}
 
 
 def _row_problem(row: dict) -> str:

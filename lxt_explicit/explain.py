@@ -31,6 +31,7 @@ from torch import nn
 
 from .composite import Composite
 from .explanation import Explanation
+from .explanation_io import model_description
 from .latent import LatentRecorder, check_latent_specs, latent_modules
 from .presets import attnlrp, cp_lrp
 from .prompts import STOPS, answer_length, check_prompts, encode, eos_ids, generate_greedy, prompt_text, token_texts
@@ -239,6 +240,7 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
             "RelevanceSource on them (the presets have one)"
         )
     length = max(len(s) for s in sequences)
+    model_name, dtype = model_description(model)
     explanations = []
     for row, seq in enumerate(sequences):
         span = slice(length - len(seq), length)
@@ -262,6 +264,8 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
                 stop_reason=extended[row][1],
                 discarded_ids=extended[row][2],
                 discarded_text=extended[row][3],
+                model=model_name,
+                dtype=dtype,
             )
         )
     return explanations

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from .explanation_io import load_fields, long_frame, save_fields
 
 __all__ = ["Explanation"]
 
@@ -59,6 +62,10 @@ class Explanation:
         Ids of the generated tokens after the cut, not explained (empty if nothing was cut).
     discarded_text : str
         Their text.
+    model : str
+        The model's class and the name or folder it was loaded from (``''`` if not recorded).
+    dtype : str
+        The dtype of the model's parameters (``'float32'``; ``''`` if not recorded).
     """
 
     token_ids: list[int]
@@ -79,6 +86,8 @@ class Explanation:
     stop_reason: str = ""
     discarded_ids: list[int] = field(default_factory=list)
     discarded_text: str = ""
+    model: str = ""
+    dtype: str = ""
 
     def __post_init__(self):
         if not self.token_texts:
@@ -141,6 +150,26 @@ class Explanation:
         return html_heatmap(
             self.token_texts, self.relevance, title=self.method, subtitle=self.target, fragment=True, clean=False
         )
+
+    def save(self, path) -> Path:
+        """Write the explanation as ``NAME.json`` + ``NAME.safetensors`` (:mod:`lxt_explicit.explanation_io`)."""
+        return save_fields(self, path, "explanation")
+
+    @classmethod
+    def load(cls, path) -> Explanation:
+        """Read an explanation written by :meth:`save` (equal to the saved one, tensors bit for bit)."""
+        return cls(**load_fields(path, "explanation"))
+
+    def to_pandas(self):
+        """Long table, one row per token: position, token, text, id, in_prompt, relevance (and the target, method).
+
+        Needs pandas (``pip install 'lxt_explicit[data]'``).
+        """
+        columns = {"token": self.tokens, "token_id": self.token_ids,
+                   "in_prompt": [i < self.prompt_length for i in range(len(self.tokens))]}
+        constants = {"target": self.target, "method": self.method, "prompt": self.prompt}
+        return long_frame(self.relevance, self.token_texts, "text", [], constants, columns).rename(
+            columns={"index": "position"})
 
     def to_dict(self) -> dict:
         """The explanation as plain Python data for strict JSON: non-finite numbers become ``None``."""

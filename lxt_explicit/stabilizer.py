@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-__all__ = ["DEFAULT_EPSILON", "check_epsilon", "sign_shift", "stabilize", "stabilized_quotient"]
+__all__ = ["DEFAULT_EPSILON", "check_epsilon", "is_batched", "sign_shift", "stabilize", "stabilized_quotient"]
 
 #: Default epsilon of every rule and operation of the library.
 DEFAULT_EPSILON: float = 1e-6
@@ -69,4 +69,14 @@ def stabilized_quotient(numerator: torch.Tensor, z: torch.Tensor, epsilon: float
     ``z`` must have the broadcast shape of the result and a floating dtype that holds the result.
     """
     denominator = stabilize(z, epsilon)
+    if is_batched(numerator):  # batched backward passes: out= has no batching rule
+        return numerator / denominator
     return torch.div(numerator, denominator, out=denominator)
+
+
+def is_batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a batched tensor of ``vmap`` (e.g. relevance of ``autograd.grad(is_grads_batched=True)``).
+
+    Rules use it to avoid what batched tensors cannot do: ``out=`` arguments and data-dependent shapes.
+    """
+    return "Batched" in str(torch._C._dispatch_keys(tensor))

@@ -20,6 +20,7 @@ import evaluation  # noqa: E402
 import faithfulness  # noqa: E402
 import neurons  # noqa: E402
 import overhead  # noqa: E402
+import per_token  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -213,3 +214,29 @@ def test_committed_neuron_results_match_their_table():
     assert stored["command"].startswith("python benchmarks/neurons.py") and stored["model"] == "SmolLM2-135M-Instruct"
     assert all(c["ks"] == list(range(1, 33)) for c in stored["curves"])
     assert (Path(neurons.__file__).parent / "results" / "neurons.md").read_text() == neurons.markdown(stored)
+
+
+# ------------------------------------------------------------------------------------ per-token attribution
+
+
+def test_per_token_smoke(tmp_path):
+    assert per_token.main(["--smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "per_token.json").read_text())
+    assert results["environment"]["commit"] and results["command"].startswith("python benchmarks/per_token.py")
+    assert results["answer_tokens"] == 4 and results["max_abs_difference_float64"] < 1e-12
+    assert results["max_abs_difference_float32"] < 1e-5 and 0 < results["ratio"]
+    assert "| ratio |" in (tmp_path / "per_token.md").read_text()
+
+
+def test_committed_per_token_result_meets_the_targets():
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "per_token.json").read_text())
+    assert results["model"] == "smollm2" and results["answer_tokens"] == 32 and results["repeats"] >= 3
+    assert results["ratio"] <= 0.7  # at most 0.7x the time of 32 separate explanations
+    assert results["max_abs_difference_float64"] <= 1e-6  # the same numbers as the separate explanations
+    assert results["max_abs_difference_float32_unbatched"] <= 1e-6  # batching the backward passes changes nothing
+    times = results["times"]
+    assert results["ratio"] == pytest.approx(times["per_token"]["median_s"] / times["separate"]["median_s"])
+    assert results["environment"]["uncommitted_changes"] == "none"
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"{results['ratio']:.2f}x the time of 32 separate explanations" in readme

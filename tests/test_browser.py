@@ -67,3 +67,24 @@ def test_the_dataset_report_in_a_browser(tiny_folder, tmp_path, browser_page):  
     assert page.locator("section.row").count() == 4 and page.locator("section.row .row-error").count() == 1
     for index in (0, 2, 3):
         check_tokens(page, errors, written[index]["explanation"]["relevance"], scope=f"#row-{index}")
+
+
+def test_the_per_token_matrix_page_in_a_browser(tmp_path, browser_page):  # noqa: F811
+    from lxt_explicit.per_token import explain_tokens
+
+    matrix = explain_tokens(tlm.model(dtype=torch.float32), tlm.tokenizer(), "ingrid named the lake after her",
+                            continuation=" mother . the lake")
+    path = tmp_path / "matrix.html"
+    path.write_text(matrix.html(), encoding="utf-8")
+    page, errors = browser_page(path)
+    start = matrix.prompt_length
+    assert len(matrix) >= 3 and page.is_visible("#hover-value") and page.is_visible("#row-select")
+    check_tokens(page, errors, matrix.relevance[0, :start].tolist(), scope="#row-tokens")
+    page.select_option("#row-select", "2")  # a reader picks answer token 2: the tokens before it, scaled for it
+    check_tokens(page, errors, matrix.relevance[2, : start + 2].tolist(), scope="#row-tokens")
+    page.click("#matrix tr[data-row='1'] th")  # or clicks its row of the table
+    assert page.input_value("#row-select") == "1"
+    check_tokens(page, errors, matrix.relevance[1, : start + 1].tolist(), scope="#row-tokens")
+    cell = page.locator("#matrix tr[data-row='1'] td[data-relevance]").first
+    cell.hover()
+    assert page.inner_text("#hover-value").startswith("#0 ") and "(for answer token" in page.inner_text("#hover-value")

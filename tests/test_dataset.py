@@ -1,6 +1,5 @@
 """Dataset runs: batches equal one row at a time, per-row errors, resume after an interruption, two processes."""
 
-import inspect
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import torch
 from lxt_explicit.cli import main
 from lxt_explicit.dataset import explain_dataset, explain_rows, read_rows
 from lxt_explicit.explain import explain
+from lxt_explicit.per_token import explain_tokens
 from lxt_explicit.runfiles import complete_lines, drop_partial_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,9 +141,37 @@ def test_bad_options_and_duplicate_ids_stop_before_any_row(tiny):
         list(explain_rows(model, tokenizer, ROWS, method="lrp"))
     with pytest.raises(ValueError, match="batch_size"):
         list(explain_rows(model, tokenizer, ROWS, batch_size=0))
-    if "per_token" not in inspect.signature(explain).parameters:
-        with pytest.raises(ValueError, match="per-token needs explain"):
-            list(explain_rows(model, tokenizer, ROWS, per_token=True))
+    with pytest.raises(TypeError, match=r"explain_tokens\(\) \(per-token rows\) has no option"):
+        list(explain_rows(model, tokenizer, ROWS, per_token=True, latent=["mlp:0"]))
+
+
+def test_per_token_rows_hold_each_answer_tokens_relevance_and_their_sum(tiny):
+    model, tokenizer = tiny
+    rows = [{"prompt": "what did ingrid name ?", "continuation": " the lake"},
+            {"prompt": "the capital of", "target": " paris is"},
+            {"prompt": "the blue ice"},
+            {"prompt": "the city", "target": 12}]
+    written = dict(explain_rows(model, tokenizer, rows, per_token=True, max_new_tokens=3))
+    for index, answer in ((0, " the lake"), (1, " paris is")):
+        expected = explain_tokens(model, tokenizer, rows[index]["prompt"], continuation=answer)
+        explanation = written[index]["explanation"]
+        start = expected.prompt_length
+        assert explanation["prompt_length"] == start and explanation["answer"] == expected.answer_text
+        assert len(explanation["matrix"]) == len(expected) >= 2
+        for t, values in enumerate(explanation["matrix"]):  # row t: the tokens before answer token t
+            assert values == expected.relevance[t, : start + t].double().tolist()
+        summed = [sum(row[i] for row in explanation["matrix"] if i < len(row)) for i in range(len(expected.tokens))]
+        assert explanation["relevance"] == pytest.approx(summed, rel=1e-6, abs=1e-6)
+        value = sum(expected.target_values.double().tolist())
+        assert explanation["conservation"] == pytest.approx(sum(summed) / value, rel=1e-6)
+        first = abs(summed[0]) / sum(abs(v) for v in summed)
+        assert explanation["relevance_shares"]["first_token"] == pytest.approx(first, rel=1e-9)
+        shares = explanation["relevance_shares_per_token"]
+        assert shares[1]["first_token"] == pytest.approx(
+            abs(explanation["matrix"][1][0]) / sum(abs(v) for v in explanation["matrix"][1]), rel=1e-9)
+    generated = written[2]["explanation"]
+    assert written[2]["error"] is None and 1 <= len(generated["matrix"]) <= 3  # generated: max_new_tokens=3
+    assert written[3]["explanation"] is None and "'target' is the answer's text" in written[3]["error"]
 
 
 def test_rows_from_a_generator_and_from_a_datasets_dataset(tiny, tmp_path):
@@ -260,6 +288,18 @@ def test_the_command_explains_a_file_and_prints_a_summary(tiny_folder, tmp_path,
     assert main(arguments) == 0 and "explained 0 rows" in capsys.readouterr().out
 
 
+def test_the_command_explains_every_answer_token_with_per_token(tiny_folder, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what did ingrid name ?", "continuation": " the lake"},
+                                                 {"prompt": "the blue ice"}])
+    output, report = tmp_path / "out.jsonl", tmp_path / "report.html"
+    assert main(["explain-dataset", str(source), "--output", str(output), "--model", str(tiny_folder), "--per-token",
+                 "--max-new-tokens", "2", "--report", str(report), "--no-progress"]) == 0
+    rows = read_rows(output)
+    assert [r["error"] for r in rows] == [None, None]
+    assert [len(r["explanation"]["matrix"]) for r in rows][1] <= 2 and rows[0]["explanation"]["answer"] == " the lake"
+    assert "explained 2 rows" in capsys.readouterr().out and report.read_text().count("<section class='row'") == 2
+
+
 def dataset_errors(tiny_folder, tmp_path):
     """(arguments, what the message must say) for the mistakes the dataset command explains."""
     good = write_jsonl(tmp_path / "good.jsonl", ROWS[:2])
@@ -289,8 +329,6 @@ def dataset_errors(tiny_folder, tmp_path):
     tokenizer.save_pretrained(without)
     tlm.model(dtype=torch.float32).save_pretrained(without)
     cases["no chat template"] = ([str(good), *out, "--model", str(without), "--chat"], "--chat needs the tokenizer's")
-    if "per_token" not in inspect.signature(explain).parameters:
-        cases["per token"] = ([str(good), *out, *model, "--per-token"], "--per-token needs explain(per_token=True)")
     return cases
 
 

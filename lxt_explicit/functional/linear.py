@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from ..stabilizer import DEFAULT_EPSILON, check_epsilon, stabilized_quotient
+from ..stabilizer import DEFAULT_EPSILON, check_epsilon, is_batched, stabilized_quotient
 from .shapes import compute_dtype, not_a_view, sum_to_shape
 
 __all__ = ["linear_epsilon", "linear_relevance", "matmul"]
@@ -65,7 +65,7 @@ class _LinearEpsilon(Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         x, weight, bias, out = ctx.saved_tensors
-        rows = _rows_with_relevance(relevance) if ctx.wide else None
+        rows = _rows_with_relevance(relevance) if ctx.wide and not is_batched(relevance) else None
         if rows is None:
             out = out if out is not None else F.linear(x, weight, bias)
             return _relevance(x, weight, out, relevance, ctx.epsilon), None, None, None
