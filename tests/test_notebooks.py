@@ -28,6 +28,7 @@ EXPECTED = (
     "04_inside_the_model",
     "05_zennit_and_vision",
     "06_inseq_and_captum",
+    "07_explaining_a_dataset",
     "08_evaluating_explanations",
     "09_knowledge_neurons",
 )
