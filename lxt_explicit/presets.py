@@ -38,6 +38,8 @@ from .state_space import StateSpaceMixers
 
 __all__ = [
     "attnlrp",
+    "attnlrp_sinks",
+    "SINK_THRESHOLD",
     "cp_lrp",
     "op_rules",
     "transformer_layer_map",
@@ -206,7 +208,9 @@ EMBEDDING_PARAMETERS: tuple[str, ...] = (
 )
 
 
-def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant") -> dict[str, Rule]:
+def op_rules(
+    *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant", sinks: float | None = None
+) -> dict[str, Rule]:
     """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
 
     Parameters
@@ -219,6 +223,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
     gates : {'relevant', 'constant'}, optional
         Products of an activation's output (a gate) with another relevance-carrying tensor:
         uniform rule on both factors, or the gate as a constant (see :class:`~lxt_explicit.rules.UniformRule`).
+    sinks : float, optional
+        Attention-sink threshold of the attention rule (see :func:`attnlrp`); ``None``: AttnLRP as published.
     """
     epsilon = check_epsilon(epsilon)
     return {
@@ -230,8 +236,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "div": DivisionRule(),
         "neg": IdentityRule(),
         "softmax": StopRelevanceRule() if cp else SoftmaxRule(),
-        "attention": AttentionRule(epsilon=epsilon, cp=cp),
-        "multi_head_attention": MultiheadAttentionRule(epsilon=epsilon, cp=cp),
+        "attention": AttentionRule(epsilon=epsilon, cp=cp, sinks=sinks),
+        "multi_head_attention": MultiheadAttentionRule(epsilon=epsilon, cp=cp, sinks=sinks),
         "layer_norm": LayerNormRule(epsilon=epsilon),
         "rms_norm": IdentityRule(),
         "normalize": IdentityRule(),
@@ -268,6 +274,11 @@ def _in_front(extra: dict | None, layer_map: dict) -> dict:
     return merged
 
 
+#: The recommended attention-sink threshold of :func:`attnlrp_sinks` (chosen on two models and four
+#: prompt sets, ``benchmarks/results/sinks.md``).
+SINK_THRESHOLD: float = 0.5
+
+
 def attnlrp(
     *,
     epsilon: float = DEFAULT_EPSILON,
@@ -275,8 +286,17 @@ def attnlrp(
     strict: bool = False,
     layer_map: dict | None = None,
     ops: dict | None = None,
+    sinks: float | None = None,
 ) -> Composite:
     """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
+
+    ``sinks=None`` (the default) gives the paper's rules unchanged.  Models with strong attention
+    sinks (Gemma-3, Qwen3: most heads put most of their weight on the first token) lose most of
+    the relevance in the softmax rule's bias term and give the first token large negative
+    relevance; ``sinks=t`` treats the attention weights of the query rows whose weight on the
+    sink exceeds ``t`` as constants (CP-LRP for those rows), the other rows keep the softmax rule
+    (a deviation from the paper and from LXT, see ``docs/attention_sinks.md``).
+    :func:`attnlrp_sinks` is this with the recommended threshold.
 
     Parameters
     ----------
@@ -292,13 +312,50 @@ def attnlrp(
         a normalization class the preset does not know).
     ops : dict, optional
         Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
+    sinks : float, optional
+        ``None``: AttnLRP as published.  A threshold in ``[0, 1)`` on the attention weight of a
+        query row on the sink key (the first key the sequence attends to) above which the row's
+        attention weights are constants.  Applies to ``F.scaled_dot_product_attention`` (the
+        ``"sdpa"`` attention of transformers models) and ``nn.MultiheadAttention``; eager
+        attention (``torch.softmax`` then ``matmul``) keeps the paper's softmax rule.
 
     Returns
     -------
     Composite
         Register it with ``attnlrp().register(model)``.
     """
-    return _preset(op_rules(epsilon=epsilon), False, relevance_sources, strict, layer_map, ops)
+    rules = op_rules(epsilon=epsilon, sinks=sinks)
+    return _preset(rules, False, relevance_sources, strict, layer_map, ops)
+
+
+def attnlrp_sinks(
+    *,
+    threshold: float = SINK_THRESHOLD,
+    epsilon: float = DEFAULT_EPSILON,
+    relevance_sources: bool = True,
+    strict: bool = False,
+    layer_map: dict | None = None,
+    ops: dict | None = None,
+) -> Composite:
+    """AttnLRP with sink rows as constants: ``attnlrp(sinks=threshold)`` with the recommended threshold.
+
+    Use it for models with attention sinks (most current decoder LMs: Gemma-3, Qwen, Llama-style
+    models with a ``<bos>`` token); ``attnlrp()`` stays the paper's method.  See
+    ``docs/attention_sinks.md`` for the math and the measurements behind the threshold.
+
+    Parameters
+    ----------
+    threshold : float, optional
+        Attention weight on the sink above which a query row's weights are constants.
+    epsilon, relevance_sources, strict, layer_map, ops
+        As in :func:`attnlrp`.
+
+    Returns
+    -------
+    Composite
+    """
+    return attnlrp(epsilon=epsilon, relevance_sources=relevance_sources, strict=strict, layer_map=layer_map, ops=ops,
+                   sinks=threshold)
 
 
 def cp_lrp(

@@ -1,0 +1,172 @@
+"""AttnLRP with attention-sink rows as constants (``attnlrp(sinks=t)``): the rule against a literal
+float64 formula, the sink detection, the preset on tiny models (forward unchanged, Gradient x Input
+cross-check, conservation) and on the real Gemma-3-270m."""
+
+import math
+
+import pytest
+import tiny_models as tm
+import torch
+import torch.nn.functional as F
+from gxi_reference import gxi_relevance
+
+import lxt_explicit as lxt
+from lxt_explicit import functional as lf
+from lxt_explicit.diagnostics import RelevanceTrace
+from lxt_explicit.functional.sinks import check_sinks, mass_from_probs, sink_mass
+from lxt_explicit.presets import SINK_THRESHOLD, attnlrp_sinks
+
+
+def literal_sink_rule(q, k, v, relevance, threshold, mask=None):
+    """The rule written out element by element in float64 (one batch, heads as a loop).
+
+    Scores ``x_ij = q_i.k_j / sqrt(d) + m_ij``, ``s = softmax(x)``, ``o_i = sum_j s_ij v_j``,
+    ``g_i = R_i / o_i``.  Row ``i`` is a sink row if ``s_i0 > threshold``: then ``R_v_j += s_ij g_i v_j``
+    (all of it) and nothing reaches its scores.  Otherwise ``R_v_j += 1/2 s_ij g_i v_j``,
+    ``R_s_ij = 1/2 s_ij (g_i . v_j)``, ``R_x_ij = x_ij (R_s_ij - s_ij sum_l R_s_il)``, and
+    ``R_x_ij`` is split between ``q_i`` and ``k_j`` by ``1/2 q_id k_jd / (q_i.k_j)``.
+    """
+    q, k, v, relevance = (t.double() for t in (q, k, v, relevance))
+    heads, length, dim = q.shape
+    R_q, R_k, R_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for h in range(heads):
+        dots = q[h] @ k[h].T
+        x = dots / math.sqrt(dim) + (mask if mask is not None else 0.0)
+        s = torch.softmax(x, -1)
+        o = s @ v[h]
+        g = relevance[h] / o
+        for i in range(length):
+            sink_row = bool(s[i, 0] > threshold)
+            for j in range(length):
+                if s[i, j] == 0:
+                    continue
+                R_v[h, j] += (1.0 if sink_row else 0.5) * s[i, j] * g[i] * v[h, j]
+            if sink_row:
+                continue
+            R_s = 0.5 * s[i] * (v[h] @ g[i])
+            R_x = x[i] * (R_s - s[i] * R_s.sum())
+            for j in range(length):
+                if s[i, j] == 0:
+                    continue
+                share = 0.5 * R_x[j] / dots[i, j]
+                R_q[h, i] += share * q[h, i] * k[h, j]
+                R_k[h, j] += share * q[h, i] * k[h, j]
+    return R_q, R_k, R_v
+
+
+def sink_tensors(heads=3, length=6, dim=4, seed=0):
+    """q, k, v with a strong sink at key 0 in some rows (k_0 aligned with half of the queries)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(heads, length, dim, generator=generator, dtype=torch.float64)
+    k = torch.randn(heads, length, dim, generator=generator, dtype=torch.float64)
+    v = torch.randn(heads, length, dim, generator=generator, dtype=torch.float64)
+    k[:, 0] = 0.0
+    k[:, 0, 0] = 4.0
+    q[:, ::2, 0] = q[:, ::2, 0].abs() + 1.0  # even rows look at the sink
+    relevance = torch.randn(heads, length, dim, generator=generator, dtype=torch.float64)
+    return q, k, v, relevance
+
+
+@pytest.mark.parametrize("bias_free_path", [True, False], ids=["fused", "blocked"])
+def test_sink_rule_equals_the_literal_formula(bias_free_path):
+    q, k, v, relevance = sink_tensors()
+    causal = torch.zeros(6, 6, dtype=torch.float64).masked_fill_(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
+    mass = torch.softmax(q @ k.transpose(-1, -2) / 2 + causal, -1)[..., 0]
+    threshold = 0.5
+    assert 0 < int((mass > threshold).sum()) < mass.numel() - 3  # both kinds of rows, beyond the first
+    expected = literal_sink_rule(q, k, v, relevance, threshold, causal)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = lf.scaled_dot_product_attention(*leaves, is_causal=True, epsilon=1e-300, sinks=threshold,
+                                          mask_is_bias_free=bias_free_path)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+    out.backward(relevance)
+    for leaf, want in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-9, atol=1e-12)
+    reference = lf.attention_relevance(q, k, v, relevance, is_causal=True, epsilon=1e-300, sinks=threshold)
+    for got, want in zip(reference, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_no_sinks_is_the_paper_rule_and_threshold_zero_is_cp_lrp():
+    q, k, v, relevance = sink_tensors()
+    paper = lf.attention_relevance(q, k, v, relevance, is_causal=True)
+    unset = lf.attention_relevance(q, k, v, relevance, is_causal=True, sinks=None)
+    for a, b in zip(paper, unset):
+        assert torch.equal(a, b)
+    everything = lf.attention_relevance(q, k, v, relevance, is_causal=True, sinks=0.0)
+    cp = lf.attention_relevance(q, k, v, relevance, is_causal=True, cp=True)
+    for a, b in zip(everything, cp):  # every row has weight > 0 on key 0: all rows constant = CP-LRP
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sink_mass_is_the_weight_on_the_first_attended_key():
+    q, k, _, _ = sink_tensors()
+    q, k = q.unsqueeze(0).repeat(2, 1, 1, 1), k.unsqueeze(0).repeat(2, 1, 1, 1)
+    allowed = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    allowed[1, ..., :2] = False  # the second sequence is left-padded by two tokens
+    allowed[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padding rows see themselves
+    probs = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~allowed, -math.inf), -1)
+    mass = sink_mass(q, k, attn_mask=allowed)
+    torch.testing.assert_close(mass[0], probs[0, ..., 0])
+    torch.testing.assert_close(mass[1], probs[1, ..., 2])  # the first real token is the sink
+    torch.testing.assert_close(mass_from_probs(probs, allowed), mass)
+    torch.testing.assert_close(sink_mass(q, k, is_causal=True), probs[:1, ..., 0].expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "yes", float("nan")])
+def test_bad_thresholds_are_refused_with_what_to_pass(bad):
+    with pytest.raises(ValueError, match="sinks must be None"):
+        check_sinks(bad)
+    with pytest.raises(ValueError, match="sinks must be None"):
+        lxt.attnlrp(sinks=bad)
+
+
+def explain_tiny(model, inputs, composite):
+    with composite.context(model):
+        logits = model(**inputs).logits
+        target = logits[0, -1].max()
+        target.backward(target.detach())
+        sources = composite.source_relevance()
+    return target.detach(), sources
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    return tm.build("gemma3", attn="sdpa"), tm.inputs("gemma3", length=9)
+
+
+def test_tiny_gemma3_forward_unchanged_and_relevance_equals_gradient_x_input(tiny_gemma):
+    model, inputs = tiny_gemma
+    reference_logits = model(**inputs).logits
+    threshold = 0.3
+    composite = lxt.attnlrp(sinks=threshold, epsilon=1e-12)
+    with composite.context(model):
+        assert torch.equal(model(**inputs).logits, reference_logits)
+    assert torch.equal(model(**inputs).logits, reference_logits)
+    _, ours = explain_tiny(model, inputs, composite)
+    expected = gxi_relevance(model, lambda m: m(**inputs).logits[0, -1].max(), sinks=threshold)
+    name = "model.embed_tokens"
+    a, b = ours[name].sum(-1).flatten(), expected[name].sum(-1).flatten()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    paper = gxi_relevance(model, lambda m: m(**inputs).logits[0, -1].max())[name].sum(-1).flatten()
+    cp = gxi_relevance(model, lambda m: m(**inputs).logits[0, -1].max(), cp=True)[name].sum(-1).flatten()
+    assert (a - paper).abs().max() > 1e-3 and (a - cp).abs().max() > 1e-3  # a mix of both, neither one
+
+
+def test_tiny_gemma3_conservation_is_reported(tiny_gemma):
+    model, inputs = tiny_gemma
+    ratios = {}
+    for name, composite in (("paper", lxt.attnlrp()), ("sinks", attnlrp_sinks()), ("cp", lxt.cp_lrp())):
+        with composite.context(model), RelevanceTrace(composite) as trace:
+            target = model(**inputs).logits[0, -1].max()
+            target.backward(target.detach())
+        ratios[name] = trace.report().conservation
+    assert all(math.isfinite(r) for r in ratios.values()), ratios
+    assert ratios["sinks"] != ratios["paper"] and ratios["sinks"] != ratios["cp"]
+
+
+def test_presets_carry_the_option():
+    assert attnlrp_sinks().ops["attention"].sinks == SINK_THRESHOLD
+    assert attnlrp_sinks(threshold=0.8).ops["multi_head_attention"].sinks == 0.8
+    assert lxt.attnlrp().ops["attention"].sinks is None and "sinks" not in lxt.attnlrp().ops["attention"].options()
+    assert lxt.attnlrp(sinks=0.25).ops["attention"].copy().sinks == 0.25
