@@ -209,7 +209,7 @@ EMBEDDING_PARAMETERS: tuple[str, ...] = (
 
 
 def op_rules(
-    *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant", sinks: float | None = None
+    *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant", sinks: float | str | None = None
 ) -> dict[str, Rule]:
     """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
 
@@ -286,7 +286,7 @@ def attnlrp(
     strict: bool = False,
     layer_map: dict | None = None,
     ops: dict | None = None,
-    sinks: float | None = None,
+    sinks: float | str | None = None,
 ) -> Composite:
     """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
 

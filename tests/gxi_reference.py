@@ -13,7 +13,9 @@ changed, and relevance is ``input * gradient``:
   CP-LRP: the attention weights are detached;
   AttnLRP with ``sinks=t``: in scaled dot-product attention, the rows of attention weights whose
   weight on the first key that the last query attends to exceeds ``t`` are detached, and their
-  product with the values keeps its full gradient (the other rows: as AttnLRP);
+  product with the values keeps its full gradient (the other rows: as AttnLRP); ``sinks='mix'``:
+  each row is the blend ``m * (detached weights) @ v + (1 - m) * AttnLRP's product``, ``m`` its
+  (constant) weight on that key;
 * normalizers (a divisor, a root, a variance, a norm) are detached;
   powers get the identity rule (gradient ``f(x) / x``);
 * mixture of experts: top-k selection and index_add_ keep the plain gradient (selection, sum);
@@ -177,6 +179,12 @@ class GxIMode(TorchFunctionMode):
         """``weights @ v`` (gradient part only) with the sink rows' weights constant."""
         sink = (weights[..., -1:, :] > 0).to(torch.int8).argmax(-1, keepdim=True)  # first key the last row sees
         mass = torch.take_along_dim(weights, sink.expand(*weights.shape[:-1], 1), -1)
+        if self.sinks == "mix":  # a blend of the two formulations, by the weight on the sink
+            share = mass.detach()
+            constant_rows = torch.matmul(weights.detach(), v)
+            softmax_rows = _half_gradient(torch.matmul(weights, v)) if _rg(v) else torch.matmul(weights, v)
+            mixed = share * constant_rows + (1 - share) * softmax_rows
+            return mixed - mixed.detach()
         rows = (mass > self.sinks).detach()
         constant = torch.where(rows, weights.detach(), weights)
         out = torch.matmul(constant, v)

@@ -23,7 +23,8 @@ def literal_sink_rule(q, k, v, relevance, threshold, mask=None):
     Scores ``x_ij = q_i.k_j / sqrt(d) + m_ij``, ``s = softmax(x)``, ``o_i = sum_j s_ij v_j``,
     ``g_i = R_i / o_i``.  Row ``i`` is a sink row if ``s_i0 > threshold``: then ``R_v_j += s_ij g_i v_j``
     (all of it) and nothing reaches its scores.  Otherwise ``R_v_j += 1/2 s_ij g_i v_j``,
-    ``R_s_ij = 1/2 s_ij (g_i . v_j)``, ``R_x_ij = x_ij (R_s_ij - s_ij sum_l R_s_il)``, and
+    ``R_s_ij = 1/2 s_ij (g_i . v_j)``; with ``threshold='mix'`` a row is a sink row to the share ``c = s_i0``:
+    ``R_v_j += (c + (1 - c) / 2) s_ij g_i v_j`` and ``R_s_ij = (1 - c) / 2 s_ij (g_i . v_j)``; ``R_x_ij = x_ij (R_s_ij - s_ij sum_l R_s_il)``, and
     ``R_x_ij`` is split between ``q_i`` and ``k_j`` by ``1/2 q_id k_jd / (q_i.k_j)``.
     """
     q, k, v, relevance = (t.double() for t in (q, k, v, relevance))
@@ -36,14 +37,17 @@ def literal_sink_rule(q, k, v, relevance, threshold, mask=None):
         o = s @ v[h]
         g = relevance[h] / o
         for i in range(length):
-            sink_row = bool(s[i, 0] > threshold)
+            if threshold == "mix":
+                constant = float(s[i, 0])
+            else:
+                constant = 1.0 if s[i, 0] > threshold else 0.0
             for j in range(length):
                 if s[i, j] == 0:
                     continue
-                R_v[h, j] += (1.0 if sink_row else 0.5) * s[i, j] * g[i] * v[h, j]
-            if sink_row:
+                R_v[h, j] += (constant + 0.5 * (1.0 - constant)) * s[i, j] * g[i] * v[h, j]
+            if constant == 1.0:
                 continue
-            R_s = 0.5 * s[i] * (v[h] @ g[i])
+            R_s = 0.5 * (1.0 - constant) * s[i] * (v[h] @ g[i])
             R_x = x[i] * (R_s - s[i] * R_s.sum())
             for j in range(length):
                 if s[i, j] == 0:
@@ -67,13 +71,13 @@ def sink_tensors(heads=3, length=6, dim=4, seed=0):
     return q, k, v, relevance
 
 
+@pytest.mark.parametrize("threshold", [0.5, "mix"])
 @pytest.mark.parametrize("bias_free_path", [True, False], ids=["fused", "blocked"])
-def test_sink_rule_equals_the_literal_formula(bias_free_path):
+def test_sink_rule_equals_the_literal_formula(bias_free_path, threshold):
     q, k, v, relevance = sink_tensors()
     causal = torch.zeros(6, 6, dtype=torch.float64).masked_fill_(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
     mass = torch.softmax(q @ k.transpose(-1, -2) / 2 + causal, -1)[..., 0]
-    threshold = 0.5
-    assert 0 < int((mass > threshold).sum()) < mass.numel() - 3  # both kinds of rows, beyond the first
+    assert 0 < int((mass > 0.5).sum()) < mass.numel() - 3  # both kinds of rows, beyond the first
     expected = literal_sink_rule(q, k, v, relevance, threshold, causal)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = lf.scaled_dot_product_attention(*leaves, is_causal=True, epsilon=1e-300, sinks=threshold,
@@ -135,10 +139,10 @@ def tiny_gemma():
     return tm.build("gemma3", attn="sdpa"), tm.inputs("gemma3", length=9)
 
 
-def test_tiny_gemma3_forward_unchanged_and_relevance_equals_gradient_x_input(tiny_gemma):
+@pytest.mark.parametrize("threshold", [0.3, "mix"])
+def test_tiny_gemma3_forward_unchanged_and_relevance_equals_gradient_x_input(tiny_gemma, threshold):
     model, inputs = tiny_gemma
     reference_logits = model(**inputs).logits
-    threshold = 0.3
     composite = lxt.attnlrp(sinks=threshold, epsilon=1e-12)
     with composite.context(model):
         assert torch.equal(model(**inputs).logits, reference_logits)

@@ -79,7 +79,7 @@ def _fold_groups(relevance, like, groups):
 
 
 def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, scale=None,
-                        epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | None = None):
+                        epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
     r"""The AttnLRP rules of attention written out on the full score matrix (the reference backward pass).
 
     With ``A = q k^T``, scores ``X = scale A + M`` (``M`` the additive mask, a constant),
@@ -127,7 +127,7 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
 
 def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_causal=False, scale=None,
                                 epsilon: float = DEFAULT_EPSILON, cp: bool = False, block_elements=None,
-                                sinks: float | None = None):
+                                sinks: float | str | None = None):
     """:func:`attention_relevance`, with the scores recomputed ``block_elements`` at a time (no full score matrix).
 
     ``out`` is the attention output (the denominator of the value rule).  Returns ``(R_q, R_k, R_v)``.
@@ -299,7 +299,7 @@ def scaled_dot_product_attention(
     epsilon: float = DEFAULT_EPSILON,
     cp: bool = False,
     mask_is_bias_free: bool | None = None,
-    sinks: float | None = None,
+    sinks: float | str | None = None,
 ):
     r"""Scaled dot-product attention with the AttnLRP (or CP-LRP) rules in the backward pass.
 

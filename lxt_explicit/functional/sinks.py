@@ -14,17 +14,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_sinks", "mass_from_probs", "sink_index", "sink_mass", "sink_rows"]
+__all__ = ["MIX", "check_sinks", "mass_from_probs", "sink_index", "sink_mass", "sink_rows"]
 
 
-def check_sinks(sinks) -> float | None:
-    """Validate the ``sinks`` option: ``None`` (the paper's rules) or a threshold in ``[0, 1)``."""
-    if sinks is None:
-        return None
+#: The ``sinks`` setting that mixes the two rules in every row by the row's weight on the sink.
+MIX = "mix"
+
+
+def check_sinks(sinks) -> float | str | None:
+    """Validate the ``sinks`` option: ``None`` (the paper's rules), ``'mix'`` or a threshold in ``[0, 1)``."""
+    if sinks is None or sinks == MIX:
+        return sinks
     if isinstance(sinks, bool) or not isinstance(sinks, (int, float)) or not 0.0 <= float(sinks) < 1.0:
         raise ValueError(
-            f"sinks must be None (AttnLRP as published) or the attention mass on the sink, a number in [0, 1), "
-            f"above which a row's attention weights are constants; got {sinks!r}"
+            f"sinks must be None (AttnLRP as published), 'mix' (each row's weight on the sink decides its share "
+            f"of constant attention weights) or the attention mass on the sink, a number in [0, 1), above which a "
+            f"row's attention weights are constants; got {sinks!r}"
         )
     return float(sinks)
 
@@ -85,6 +90,12 @@ def sink_mass(q, k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=F
     return mass.squeeze(-1)
 
 
-def sink_rows(mass: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Rows whose weight on the sink exceeds ``threshold``, as a float mask ``(..., heads, L, 1)`` of 0 and 1."""
+def sink_rows(mass: torch.Tensor, threshold: float | str) -> torch.Tensor:
+    """The share of each row's relevance that treats the attention weights as constants, ``(..., heads, L, 1)``.
+
+    A threshold: 1 for the rows whose weight on the sink exceeds it, else 0.  ``'mix'``: the weight on the
+    sink itself (a row that attends only to the sink is all constant, one that ignores it all AttnLRP).
+    """
+    if threshold == MIX:
+        return mass.clamp(0.0, 1.0).unsqueeze(-1)
     return (mass > threshold).to(mass.dtype).unsqueeze(-1)

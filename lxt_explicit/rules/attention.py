@@ -62,7 +62,7 @@ class AttentionRule(Rule):
         :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``).
     """
 
-    def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | None = None):
+    def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
         self.epsilon = check_epsilon(epsilon)
         self.cp = bool(cp)
         self.sinks = check_sinks(sinks)
