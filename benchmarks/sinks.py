@@ -62,7 +62,7 @@ def methods(thresholds) -> dict:
     """name -> ``method(model, input_ids, target)``; ``sinks t`` is ``attnlrp(sinks=t)``."""
     table = {"attnlrp": functools.partial(baselines.lrp, composite=attnlrp())}
     for t in thresholds:
-        table[f"sinks {t:g}"] = functools.partial(baselines.lrp, composite=attnlrp(sinks=t))
+        table[f"sinks {t}"] = functools.partial(baselines.lrp, composite=attnlrp(sinks=t))
     table["cp_lrp"] = functools.partial(baselines.lrp, composite=cp_lrp())
     table["input_x_gradient"] = baselines.input_x_gradient
     return table
@@ -156,7 +156,7 @@ def absorbed_per_layer(model, tokenizer, model_name, thresholds, count) -> dict:
     """Relevance entering and absorbed in each layer's attention rule / logit, and at the inputs."""
     items = sink_prompts.reading_items("base" if model_name == "gemma3" else "instruct", tokenizer)
     out = {}
-    for label, composite in [("attnlrp", attnlrp())] + [(f"sinks {t:g}", attnlrp(sinks=t)) for t in thresholds]:
+    for label, composite in [("attnlrp", attnlrp())] + [(f"sinks {t}", attnlrp(sinks=t)) for t in thresholds]:
         per_item = []
         for item in items[:count]:
             ids, _, _ = encode(item, tokenizer, model_name)
@@ -204,11 +204,16 @@ def run_model(name, args, log) -> dict:
     return out
 
 
+def threshold(text: str):
+    return text if text == "mix" else float(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.8])
+    parser.add_argument("--thresholds", nargs="+", type=threshold, default=["mix", 0.5],
+                        help="settings of attnlrp(sinks=...): 'mix' or thresholds")
     parser.add_argument("--items", type=int, default=0, help="correctly answered items per set (0: all)")
     parser.add_argument("--agreement-items", type=int, default=4, help="agreement items per template")
     parser.add_argument("--trace-items", type=int, default=2)
