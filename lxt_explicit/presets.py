@@ -39,7 +39,7 @@ from .state_space import StateSpaceMixers
 __all__ = [
     "attnlrp",
     "attnlrp_sinks",
-    "SINK_THRESHOLD",
+    "SINKS",
     "cp_lrp",
     "op_rules",
     "transformer_layer_map",
@@ -274,9 +274,9 @@ def _in_front(extra: dict | None, layer_map: dict) -> dict:
     return merged
 
 
-#: The recommended attention-sink threshold of :func:`attnlrp_sinks` (chosen on two models and four
-#: prompt sets, ``benchmarks/results/sinks.md``).
-SINK_THRESHOLD: float = 0.5
+#: The recommended attention-sink setting of :func:`attnlrp_sinks` (chosen on two models and four
+#: prompt sets, ``benchmarks/results/sinks.md``): every row split by its weight on the sink.
+SINKS: str = "mix"
 
 
 def attnlrp(
@@ -293,10 +293,13 @@ def attnlrp(
     ``sinks=None`` (the default) gives the paper's rules unchanged.  Models with strong attention
     sinks (Gemma-3, Qwen3: most heads put most of their weight on the first token) lose most of
     the relevance in the softmax rule's bias term and give the first token large negative
-    relevance; ``sinks=t`` treats the attention weights of the query rows whose weight on the
-    sink exceeds ``t`` as constants (CP-LRP for those rows), the other rows keep the softmax rule
-    (a deviation from the paper and from LXT, see ``docs/attention_sinks.md``).
-    :func:`attnlrp_sinks` is this with the recommended threshold.
+    relevance.  ``sinks='mix'`` splits the relevance of every query row of an attention: the
+    share ``m`` (the row's attention weight on the sink) treats the attention weights as constants
+    (CP-LRP: to the values), the share ``1 - m`` keeps the softmax rule; ``sinks=t`` (a number)
+    treats the rows with ``m > t`` as constants and keeps the others.  This deviates from the paper
+    and from LXT (which applies the softmax rule to every row) because the softmax rule's output
+    depends on the logits' common offset, which a sink makes large; see ``docs/attention_sinks.md``.
+    :func:`attnlrp_sinks` is the recommended setting.
 
     Parameters
     ----------
@@ -312,10 +315,10 @@ def attnlrp(
         a normalization class the preset does not know).
     ops : dict, optional
         Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
-    sinks : float, optional
-        ``None``: AttnLRP as published.  A threshold in ``[0, 1)`` on the attention weight of a
-        query row on the sink key (the first key the sequence attends to) above which the row's
-        attention weights are constants.  Applies to ``F.scaled_dot_product_attention`` (the
+    sinks : {None, 'mix'} or float, optional
+        ``None``: AttnLRP as published.  ``'mix'``: each query row's relevance split by its
+        attention weight on the sink key (the first key the sequence attends to).  A threshold in
+        ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention weights.  Applies to ``F.scaled_dot_product_attention`` (the
         ``"sdpa"`` attention of transformers models) and ``nn.MultiheadAttention``; eager
         attention (``torch.softmax`` then ``matmul``) keeps the paper's softmax rule.
 
@@ -330,14 +333,14 @@ def attnlrp(
 
 def attnlrp_sinks(
     *,
-    threshold: float = SINK_THRESHOLD,
+    threshold: float | str = SINKS,
     epsilon: float = DEFAULT_EPSILON,
     relevance_sources: bool = True,
     strict: bool = False,
     layer_map: dict | None = None,
     ops: dict | None = None,
 ) -> Composite:
-    """AttnLRP with sink rows as constants: ``attnlrp(sinks=threshold)`` with the recommended threshold.
+    """AttnLRP with attention-sink handling: ``attnlrp(sinks=threshold)`` with the recommended setting.
 
     Use it for models with attention sinks (most current decoder LMs: Gemma-3, Qwen, Llama-style
     models with a ``<bos>`` token); ``attnlrp()`` stays the paper's method.  See
@@ -345,8 +348,9 @@ def attnlrp_sinks(
 
     Parameters
     ----------
-    threshold : float, optional
-        Attention weight on the sink above which a query row's weights are constants.
+    threshold : {'mix'} or float, optional
+        ``'mix'`` (default) or the attention weight on the sink above which a query row's weights are
+        constants (see :func:`attnlrp`).
     epsilon, relevance_sources, strict, layer_map, ops
         As in :func:`attnlrp`.
 

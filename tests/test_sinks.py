@@ -14,7 +14,7 @@ import lxt_explicit as lxt
 from lxt_explicit import functional as lf
 from lxt_explicit.diagnostics import RelevanceTrace
 from lxt_explicit.functional.sinks import check_sinks, mass_from_probs, sink_mass
-from lxt_explicit.presets import SINK_THRESHOLD, attnlrp_sinks
+from lxt_explicit.presets import SINKS, attnlrp_sinks
 
 
 def literal_sink_rule(q, k, v, relevance, threshold, mask=None):
@@ -117,7 +117,7 @@ def test_sink_mass_is_the_weight_on_the_first_attended_key():
     torch.testing.assert_close(sink_mass(q, k, is_causal=True), probs[:1, ..., 0].expand(2, -1, -1))
 
 
-@pytest.mark.parametrize("bad", [1.0, -0.1, True, "yes", float("nan")])
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, "yes", "Mix", float("nan")])
 def test_bad_thresholds_are_refused_with_what_to_pass(bad):
     with pytest.raises(ValueError, match="sinks must be None"):
         check_sinks(bad)
@@ -170,7 +170,66 @@ def test_tiny_gemma3_conservation_is_reported(tiny_gemma):
 
 
 def test_presets_carry_the_option():
-    assert attnlrp_sinks().ops["attention"].sinks == SINK_THRESHOLD
+    assert attnlrp_sinks().ops["attention"].sinks == SINKS
     assert attnlrp_sinks(threshold=0.8).ops["multi_head_attention"].sinks == 0.8
     assert lxt.attnlrp().ops["attention"].sinks is None and "sinks" not in lxt.attnlrp().ops["attention"].options()
     assert lxt.attnlrp(sinks=0.25).ops["attention"].copy().sinks == 0.25
+
+
+# ------------------------------------------------------------------------------------------ real Gemma-3-270m
+
+#: Set to 1 to let the real-model tests skip where the Gemma packages are missing (they fail otherwise).
+ALLOW_MISSING = "LXT_EXPLICIT_ALLOW_MISSING_GEMMA"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import os
+
+    from lxt_explicit.models.gemma3 import INSTALL, gemma3_available, load_gemma3
+
+    if not gemma3_available():
+        if os.environ.get(ALLOW_MISSING) == "1":
+            pytest.skip(f"Gemma-3-270m is not installed ({ALLOW_MISSING}=1): {INSTALL}")
+        pytest.fail(f"the attention-sink tests need Gemma-3-270m: {INSTALL} (or set {ALLOW_MISSING}=1 to skip)")
+    model, tokenizer = load_gemma3()
+    return model.requires_grad_(False), tokenizer
+
+
+#: A reading item (two-shot, as in ``benchmarks/sink_prompts.py``) that Gemma-3-270m answers correctly.
+GEMMA_PROMPT = (
+    "Context: Ben has a red car and Ana has a blue car.\nQuestion: What color is Ana's car?\nAnswer: blue\n\n"
+    "Context: The cup is on the shelf and the plate is on the table.\nQuestion: Where is the cup?\nAnswer: shelf\n\n"
+    "Context: Nadia drinks tea every morning, but her brother Samir drinks coffee.\n"
+    "Question: What does Samir drink?\nAnswer:"
+)
+
+
+@pytest.mark.real_model
+def test_gemma3_sinks_point_at_the_answer_where_the_paper_rule_does_not(gemma):
+    model, tokenizer = gemma
+    encoded = tokenizer(GEMMA_PROMPT, return_offsets_mapping=True)
+    ids = torch.tensor([encoded["input_ids"]])
+    context = GEMMA_PROMPT.rindex("Context:")
+    answer = GEMMA_PROMPT.index(" coffee", context)
+    end = GEMMA_PROMPT.index("\nQuestion", context)  # the context sentence: the tokens that are ranked
+    span = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and b > context and a < end]
+    target = tokenizer.encode(" coffee", add_special_tokens=False)[0]
+    reference = model(input_ids=ids).logits
+    assert int(reference[0, -1].argmax()) == target
+    results = {}
+    for name, composite in (("paper", lxt.attnlrp()), ("sinks", attnlrp_sinks())):
+        with composite.context(model), RelevanceTrace(composite) as trace:
+            logits = model(input_ids=ids).logits
+            assert torch.equal(logits, reference)  # forward unchanged while registered
+            logit = logits[0, -1, target]
+            logit.backward(logit.detach())
+            relevance = composite.source_relevance()["model.embed_tokens"][0].sum(-1).double()
+        in_span = relevance[span]
+        position = next(i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a <= answer + 1 < b)
+        results[name] = (span[int(in_span.argmax())] == position, trace.report().conservation,
+                         float(relevance[0] / logit))
+    assert results["sinks"][0] and not results["paper"][0], results
+    # relevance at the inputs / logit, and of the first token (<bos>, the sink) / logit
+    assert 0.3 < results["sinks"][1] < 0.5 and results["paper"][1] < 0.0, results
+    assert results["paper"][2] < -0.4 and -0.2 < results["sinks"][2] < 0.0, results
