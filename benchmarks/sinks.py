@@ -187,7 +187,8 @@ def run_model(name, args, log) -> dict:
     start = time.perf_counter()
     for kind in args.sets:
         if kind == "agreement":
-            result = evaluate.evaluate_agreement(model, tokenizer, evaluate.agreement_items(args.agreement_items), table)
+            items = evaluate.agreement_items(args.agreement_items)
+            result = evaluate.evaluate_agreement(model, tokenizer, items, table)
             summary = result.summary(resamples=args.bootstrap)
             out["sets"][kind] = {"items": result.total, "scored": len(result.items), "summary": {
                 m: {k: list(v) for k, v in e.items()} for m, e in summary.items()}}
@@ -196,8 +197,7 @@ def run_model(name, args, log) -> dict:
         scored = score_set(model, tokenizer, name, kind, table, args.items, log)
         entry = {"items": len(scored["rows"]), "plausibility": plausibility(scored["rows"], table),
                  "rows": scored["rows"]}
-        entry["abpc"] = faithfulness(model, scored, [n for n in table if n != "input_x_gradient"] + ["input_x_gradient"],
-                                     args, log)
+        entry["abpc"] = faithfulness(model, scored, list(table), args, log)
         out["sets"][kind] = entry
     out["trace"] = absorbed_per_layer(model, tokenizer, name, args.thresholds, args.trace_items)
     out["seconds"] = time.perf_counter() - start

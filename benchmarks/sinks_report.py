@@ -102,16 +102,50 @@ def report(results: dict) -> str:
              f"{results['settings']['steps']} steps (embeddings set to zero), every token ranked, mean [95 % "
              "bootstrap interval], paired difference to AttnLRP (paper).", ""]
     for name, model in results["models"].items():
-        lines += [f"## {model['model']}", "", f"Run time: {model['seconds'] / 60:.1f} min.", "",
+        seconds = f"Run time: {model['seconds'] / 60:.1f} min (wall time, summed over the runs, shared 2-core machine)."
+        lines += [f"## {model['model']}", "", seconds, "",
                   "### Plausibility", ""] + plausibility_table(model) + [""]
         lines += agreement_table(model) + [""]
         lines += ["### Faithfulness (ABPC of the explained logit)", ""] + abpc_table(model) + [""]
         lines += ["### Where relevance goes (means over the scored items)", ""] + bookkeeping_table(model) + [""]
-        lines += ["### Relevance absorbed inside the attention rules, per layer (/ logit, first "
-                  f"{len(next(iter(model['trace'].values()))['conservation'])} reading items)", ""]
-        lines += trace_table(model) + [""]
+        if model.get("trace"):
+            lines += ["### Relevance absorbed inside the attention rules, per layer (/ logit, first "
+                      f"{len(next(iter(model['trace'].values()))['conservation'])} reading items)", ""]
+            lines += trace_table(model) + [""]
     return "\n".join(lines)
 
 
 def write_markdown(results: dict, path: Path) -> None:
     Path(path).write_text(report(results))
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from runs of single models and sets (run side by side to save wall time)."""
+    merged = {"command": " && ".join(p["command"] for p in parts), "environment": parts[0]["environment"],
+              "settings": {k: v for k, v in parts[0]["settings"].items() if k in ("steps", "batch", "bootstrap")},
+              "models": {}}
+    for part in parts:
+        for name, model in part["models"].items():
+            entry = merged["models"].setdefault(name, {"model": model["model"], "sets": {}, "seconds": 0.0})
+            entry["sets"].update(model["sets"])
+            entry["seconds"] += model["seconds"]
+            if model.get("trace") and all(t["conservation"] for t in model["trace"].values()):
+                entry["trace"] = model["trace"]
+    return merged
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Merge sinks.py results and write the report.")
+    parser.add_argument("output", type=Path, help="output path without suffix (writes .json and .md)")
+    parser.add_argument("parts", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    merged = merge([json.loads(p.read_text()) for p in args.parts])
+    args.output.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
+    write_markdown(merged, args.output.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()

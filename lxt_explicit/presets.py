@@ -318,7 +318,8 @@ def attnlrp(
     sinks : {None, 'mix'} or float, optional
         ``None``: AttnLRP as published.  ``'mix'``: each query row's relevance split by its
         attention weight on the sink key (the first key the sequence attends to).  A threshold in
-        ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention weights.  Applies to ``F.scaled_dot_product_attention`` (the
+        ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention weights.  Applies
+        to ``F.scaled_dot_product_attention`` (the
         ``"sdpa"`` attention of transformers models) and ``nn.MultiheadAttention``; eager
         attention (``torch.softmax`` then ``matmul``) keeps the paper's softmax rule.
 

