@@ -11,6 +11,8 @@ layer norm, ...).
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .checkpointing import TransformersCheckpointing
@@ -398,13 +400,37 @@ def cp_lrp(
     return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), True, relevance_sources, strict, layer_map, ops)
 
 
+class _EagerAttentionWarning:
+    """Composite extension: warn at registration when ``sinks`` is set but the model uses eager attention."""
+
+    changes_model = False
+
+    def register(self, model: nn.Module, registration) -> dict:
+        config = getattr(model, "config", None)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            warnings.warn(
+                "attnlrp(sinks=...) handles attention sinks in F.scaled_dot_product_attention; this model uses eager "
+                "attention (torch.softmax then matmul), which keeps the paper's softmax rule. Load the model with "
+                "attn_implementation='sdpa' (or set model.config._attn_implementation = 'sdpa').",
+                UserWarning,
+                stacklevel=3,
+            )
+        return {}
+
+    def __repr__(self) -> str:
+        return "EagerAttentionWarning()"
+
+
 def _preset(rules, cp, relevance_sources, strict, layer_map, ops) -> Composite:
     modules = transformer_layer_map(relevance_sources=relevance_sources, constant_routers=cp)
+    extensions = [TransformersCheckpointing(), StateSpaceMixers()]
+    if getattr(rules["attention"], "sinks", None) is not None:
+        extensions.append(_EagerAttentionWarning())
     return Composite(
         _in_front(layer_map, modules),
         ops={**rules, **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
-        extensions=[TransformersCheckpointing(), StateSpaceMixers()],
+        extensions=extensions,
         strict=strict,
         warn_unmatched=False,
     )

@@ -271,3 +271,18 @@ def test_committed_sink_results_report_is_generated_from_the_json():
     assert set(results["models"]) == {"smollm2", "gemma3"}
     for model in results["models"].values():
         assert {"reading", "entities", "induction", "agreement"} <= set(model["sets"]), model["sets"].keys()
+
+
+def test_sinks_with_eager_attention_warn_and_leave_no_trace():
+    model = tm.build("llama", attn="eager")
+    inputs = tm.inputs("llama")
+    with pytest.warns(UserWarning, match="attn_implementation='sdpa'"):
+        composite = lxt.attnlrp(sinks="mix").register(model)
+    composite.remove()
+    sdpa = tm.build("llama", attn="sdpa")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lxt.attnlrp(sinks="mix").context(sdpa):
+            sdpa(**inputs)
