@@ -199,7 +199,8 @@ def run_model(name, args, log) -> dict:
                  "rows": scored["rows"]}
         entry["abpc"] = faithfulness(model, scored, list(table), args, log)
         out["sets"][kind] = entry
-    out["trace"] = absorbed_per_layer(model, tokenizer, name, args.thresholds, args.trace_items)
+    if args.trace_items:
+        out["trace"] = absorbed_per_layer(model, tokenizer, name, args.thresholds, args.trace_items)
     out["seconds"] = time.perf_counter() - start
     return out
 
