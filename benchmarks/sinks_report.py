@@ -91,14 +91,19 @@ def trace_table(model: dict) -> list[str]:
 
 def report(results: dict) -> str:
     env = results["environment"]
-    lines = ["# Attention sinks: AttnLRP as published and with sink rows as constants", "",
+    lines = ["# Attention sinks: AttnLRP as published and with attnlrp(sinks=...)", "",
              f"Command: `{results['command']}`  ",
+             *([f"Merged with: `{results['merged_with']}`  "] if results.get("merged_with") else []),
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
              "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".", "",
-             "`AttnLRP, sinks=t` is `lxt_explicit.attnlrp(sinks=t)`: query rows whose attention weight on the sink "
-             "(the first token) exceeds `t` get constant attention weights (CP-LRP rows), the other rows keep the "
-             "softmax rule. Only items the model answers correctly are scored. *Answer first*: the answer word's "
-             "occurrence in the prompt is the most relevant token. ABPC: tokens removed in "
+             "`AttnLRP, sinks=mix` is `lxt_explicit.attnlrp(sinks='mix')` (= `lxt_explicit.attnlrp_sinks()`): every "
+             "query row's relevance is split, the share equal to its attention weight on the sink (the first token) "
+             "with constant attention weights (CP-LRP), the rest with the softmax rule; `sinks=t` (a number): rows "
+             "whose weight on the sink exceeds `t` are constant, the others keep the softmax rule. Only items the "
+             "model answers correctly are scored. *Answer first*: the answer word's occurrence is the most relevant "
+             "token of its region of the prompt (the context sentence, the sentence with the facts, the first "
+             "list), so the distractor and the other context words compete with it; MRR likewise. ABPC: tokens "
+             "removed in "
              f"{results['settings']['steps']} steps (embeddings set to zero), every token ranked, mean [95 % "
              "bootstrap interval], paired difference to AttnLRP (paper).", ""]
     for name, model in results["models"].items():
@@ -143,6 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("parts", nargs="+", type=Path)
     args = parser.parse_args(argv)
     merged = merge([json.loads(p.read_text()) for p in args.parts])
+    merged["merged_with"] = "python benchmarks/sinks_report.py " + " ".join(str(p) for p in [args.output, *args.parts])
     args.output.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
     write_markdown(merged, args.output.with_suffix(".md"))
 
