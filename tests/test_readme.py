@@ -41,7 +41,8 @@ def test_benchmark_headline_numbers_come_from_the_committed_results():
     results = "\n".join(
         (ROOT / "benchmarks" / "results" / name).read_text()
         for name in ("speed.md", "speed_large_vocabulary.md", "faithfulness.md", "evaluation_entities.md",
-                     "evaluation_entities_facts.md", "evaluation_agreement.md", "evaluation_patching.md")
+                     "evaluation_entities_facts.md", "evaluation_agreement.md", "evaluation_patching.md",
+                     "sinks.md")
     )
     numbers = re.findall(r"(?<![\d.])-?\d+\.\d{2,3}", section)  # "1.06-1.13": two numbers
     assert len(numbers) >= 10
