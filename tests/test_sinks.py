@@ -286,3 +286,33 @@ def test_sinks_with_eager_attention_warn_and_leave_no_trace():
         warnings.simplefilter("error")
         with lxt.attnlrp(sinks="mix").context(sdpa):
             sdpa(**inputs)
+
+
+def test_left_padded_batch_equals_prompts_one_by_one_with_sinks():
+    """In a left-padded batch the sink is each prompt's first real token, as for the prompt alone."""
+    model = tm.build("llama", attn="sdpa", dtype=torch.float32)
+    prompts = [[5, 17, 33, 8, 41], [9, 12, 70]]
+    composite = lxt.attnlrp(sinks="mix")
+    single = []
+    with composite.context(model):
+        for ids in prompts:
+            goal = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].max()
+            goal.backward(goal.detach())
+            single.append(composite.source_relevance()["model.embed_tokens"][0].sum(-1))
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False).logits
+        goals = logits[:, -1].max(-1).values
+        goals.backward(goals.detach())
+        batch = composite.source_relevance()["model.embed_tokens"].sum(-1)
+    for row, ids in enumerate(prompts):
+        torch.testing.assert_close(batch[row, width - len(ids):], single[row], rtol=1e-4, atol=1e-6)
+
+
+def test_no_sinks_gives_exactly_the_paper_relevance_on_a_model(tiny_gemma):
+    model, inputs = tiny_gemma
+    _, paper = explain_tiny(model, inputs, lxt.attnlrp())
+    _, unset = explain_tiny(model, inputs, lxt.attnlrp(sinks=None))
+    assert torch.equal(paper["model.embed_tokens"], unset["model.embed_tokens"])
