@@ -43,10 +43,18 @@ from lxt_explicit.evaluate import baselines  # noqa: E402
 
 SETS = ("reading", "entities", "induction", "agreement")
 MODELS = ("smollm2", "gemma3")
-LABELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270m (base)"}
+LABELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270m (base)",
+          "smoke": "synthetic Llama 'tiny' (random weights) with SmolLM2's tokenizer"}
 
 
 def load(name: str):
+    if name == "smoke":
+        from transformers import AutoTokenizer
+
+        from lxt_explicit.models.smollm2 import smollm2_folder
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        return common.synthetic_llama("tiny", vocab_size=len(tokenizer)).requires_grad_(False), tokenizer
     if name == "smollm2":
         from lxt_explicit.models.smollm2 import load_smollm2
 
@@ -116,7 +124,9 @@ def score_set(model, tokenizer, model_name, kind, table, limit, log) -> dict:
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, -1]
         token = int(logits.argmax())
-        if not correct(tokenizer, token, item.answer):
+        if model_name == "smoke":  # random weights: explain the answer's token, right or wrong
+            token = int(ids[0, positions[0]])
+        elif not correct(tokenizer, token, item.answer):
             continue
         row = {"answer": item.answer, "tokens": int(ids.shape[1]), "logit": float(logits[token])}
         for name, method in table.items():
@@ -209,9 +219,9 @@ def threshold(text: str):
     return text if text == "mix" else float(text)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ("smoke",))
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--thresholds", nargs="+", type=threshold, default=["mix", 0.5],
                         help="settings of attnlrp(sinks=...): 'mix' or thresholds")
@@ -223,7 +233,11 @@ def main(argv=None) -> None:
     parser.add_argument("--bootstrap", type=int, default=10000)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="sinks")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a tiny random Llama, 2 items per set")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.items, args.agreement_items, args.trace_items = ["smoke"], 2, 1, 1
+        args.steps, args.bootstrap = 2, 50
     torch.set_num_threads(1)
     torch.manual_seed(0)
     results = {"command": "python benchmarks/sinks.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -236,6 +250,7 @@ def main(argv=None) -> None:
     from sinks_report import write_markdown
 
     write_markdown(results, args.output / f"{args.name}.md")
+    return 0
 
 
 if __name__ == "__main__":

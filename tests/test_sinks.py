@@ -316,3 +316,25 @@ def test_no_sinks_gives_exactly_the_paper_relevance_on_a_model(tiny_gemma):
     _, paper = explain_tiny(model, inputs, lxt.attnlrp())
     _, unset = explain_tiny(model, inputs, lxt.attnlrp(sinks=None))
     assert torch.equal(paper["model.embed_tokens"], unset["model.embed_tokens"])
+
+
+def test_sinks_benchmark_smoke(tmp_path):
+    from conftest import skip_without_smollm2
+
+    skip_without_smollm2()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sinks
+    from sinks_report import report
+
+    assert sinks.main(["--smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "sinks.json").read_text())
+    assert results["command"].startswith("python benchmarks/sinks.py") and results["environment"]["commit"]
+    model = results["models"]["smoke"]
+    assert {"reading", "entities", "induction", "agreement"} == set(model["sets"])
+    for kind in ("reading", "entities", "induction"):
+        plausibility = model["sets"][kind]["plausibility"]
+        assert set(plausibility) == {"attnlrp", "sinks mix", "sinks 0.5", "cp_lrp", "input_x_gradient"}
+        assert all(entry["items"] == 2 for entry in plausibility.values())
+        assert all(math.isfinite(entry["sum_over_logit"]) for entry in plausibility.values())
+    assert len(model["trace"]["sinks mix"]["absorbed_per_layer"]) == 2
+    assert (tmp_path / "sinks.md").read_text() == report(results)
