@@ -233,7 +233,7 @@ def test_gemma3_sinks_point_at_the_answer_where_the_paper_rule_does_not(gemma):
         in_span = relevance[span]
         position = next(i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a <= answer + 1 < b)
         results[name] = (span[int(in_span.argmax())] == position, trace.report().conservation,
-                         float(relevance[0] / logit))
+                         float(relevance[0] / logit.detach()))
     assert results["sinks"][0] and not results["paper"][0], results
     # relevance at the inputs / logit, and of the first token (<bos>, the sink) / logit
     assert 0.3 < results["sinks"][1] < 0.5 and results["paper"][1] < 0.0, results
