@@ -29,6 +29,7 @@ EXPECTED = (
     "05_zennit_and_vision",
     "06_inseq_and_captum",
     "08_evaluating_explanations",
+    "10_attention_sinks",
 )
 CELL_TIMEOUT_S = 600
 
