@@ -295,8 +295,8 @@ def attnlrp(
     ``sinks=None`` (the default) gives the paper's rules unchanged.  Models with strong attention
     sinks (measured on Gemma-3-270m; LXT reports the same for Qwen3: many heads put most of their
     weight on the first token) lose most of the relevance in the softmax rule's bias term and give
-    the first token large negative relevance.  ``sinks='mix'`` splits the relevance of every query row of an attention: the
-    share ``m`` (the row's attention weight on the sink) treats the attention weights as constants
+    the first token large negative relevance.  ``sinks='mix'`` splits the relevance of every
+    query row of an attention: the share ``m`` (the row's attention weight on the sink) treats the attention weights as constants
     (CP-LRP: to the values), the share ``1 - m`` keeps the softmax rule; ``sinks=t`` (a number)
     treats the rows with ``m > t`` as constants and keeps the others.  This deviates from the paper
     and from LXT (which applies the softmax rule to every row) because the softmax rule's output
