@@ -292,17 +292,18 @@ def attnlrp(
 ) -> Composite:
     """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
 
-    ``sinks=None`` (the default) gives the paper's rules unchanged.  Models with strong attention
+    ``sinks=None`` (the default) gives the paper's rules unchanged. Models with strong attention
     sinks (measured on Gemma-3-270m; LXT reports the same for Qwen3: many heads put most of their
     weight on the first token) lose most of the relevance in the softmax rule's bias term and give
-    the first token large negative relevance.  ``sinks='mix'`` splits the relevance of every
-    query row of an attention: the share ``m`` (the row's attention weight on the sink) treats
-    the attention weights as constants (CP-LRP: to the values), the share ``1 - m`` keeps the softmax rule; ``sinks=t`` (a number)
-    treats the rows with ``m > t`` as constants and keeps the others.  This deviates from the paper
-    and from LXT (which applies the softmax rule to every row) because the softmax rule's output
-    depends on the logits' common offset, which a sink makes large; see ``docs/attention_sinks.md``.
-    :func:`attnlrp_sinks` is the recommended setting for such models; on SmolLM2 the paper's rules
-    ranked the answer word first more often (``benchmarks/results/sinks.md``).
+    the first token large negative relevance. ``sinks='mix'`` splits the relevance of every query
+    row of an attention: the share ``m`` (the row's attention weight on the sink) treats the
+    attention weights as constants (CP-LRP: to the values), the share ``1 - m`` keeps the softmax
+    rule; ``sinks=t`` (a number) treats the rows with ``m > t`` as constants and keeps the others.
+    This deviates from the paper and from LXT (which applies the softmax rule to every row) because
+    the softmax rule's output depends on the logits' common offset, which a sink makes large; see
+    ``docs/attention_sinks.md``. :func:`attnlrp_sinks` is the recommended setting for such models;
+    on SmolLM2 the paper's rules ranked the answer word first more often
+    (``benchmarks/results/sinks.md``).
 
     Parameters
     ----------
