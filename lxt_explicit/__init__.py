@@ -14,7 +14,7 @@ of an input is its relevance.
 
 from . import diagnostics, explain, functional, ops, rules  # noqa: E402  (tools, above the core layers)
 from .composite import Composite, CoverageWarning, UnhandledOperationError
-from .presets import SUPPORTED_ARCHITECTURES, attnlrp, cp_lrp
+from .presets import SUPPORTED_ARCHITECTURES, attnlrp, attnlrp_sinks, cp_lrp
 from .rules import RelevanceSource
 from .seq2seq import explain_seq2seq
 from .stabilizer import DEFAULT_EPSILON, stabilize
@@ -30,6 +30,7 @@ __all__ = [
     "CoverageWarning",
     "UnhandledOperationError",
     "attnlrp",
+    "attnlrp_sinks",
     "cp_lrp",
     "SUPPORTED_ARCHITECTURES",
     "DEFAULT_EPSILON",

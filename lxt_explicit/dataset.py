@@ -407,8 +407,7 @@ def explain_dataset(
         if key in done:
             counts["skipped"] += 1
             if bar is not None and bar.total:
-                bar.total -= 1
-                bar.refresh()
+                bar.total -= 1  # shown at the next update: a refresh per skipped row floods logs
             return True
         return False
 

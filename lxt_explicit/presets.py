@@ -11,6 +11,8 @@ layer norm, ...).
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .checkpointing import TransformersCheckpointing
@@ -38,6 +40,8 @@ from .state_space import StateSpaceMixers
 
 __all__ = [
     "attnlrp",
+    "attnlrp_sinks",
+    "SINKS",
     "cp_lrp",
     "op_rules",
     "transformer_layer_map",
@@ -206,7 +210,9 @@ EMBEDDING_PARAMETERS: tuple[str, ...] = (
 )
 
 
-def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant") -> dict[str, Rule]:
+def op_rules(
+    *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str = "relevant", sinks: float | str | None = None
+) -> dict[str, Rule]:
     """The op rules of AttnLRP (``cp=False``) or CP-LRP (``cp=True``), one per op group.
 
     Parameters
@@ -219,6 +225,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
     gates : {'relevant', 'constant'}, optional
         Products of an activation's output (a gate) with another relevance-carrying tensor:
         uniform rule on both factors, or the gate as a constant (see :class:`~lxt_explicit.rules.UniformRule`).
+    sinks : float, optional
+        Attention-sink threshold of the attention rule (see :func:`attnlrp`); ``None``: AttnLRP as published.
     """
     epsilon = check_epsilon(epsilon)
     return {
@@ -230,8 +238,8 @@ def op_rules(*, epsilon: float = DEFAULT_EPSILON, cp: bool = False, gates: str =
         "div": DivisionRule(),
         "neg": IdentityRule(),
         "softmax": StopRelevanceRule() if cp else SoftmaxRule(),
-        "attention": AttentionRule(epsilon=epsilon, cp=cp),
-        "multi_head_attention": MultiheadAttentionRule(epsilon=epsilon, cp=cp),
+        "attention": AttentionRule(epsilon=epsilon, cp=cp, sinks=sinks),
+        "multi_head_attention": MultiheadAttentionRule(epsilon=epsilon, cp=cp, sinks=sinks),
         "layer_norm": LayerNormRule(epsilon=epsilon),
         "rms_norm": IdentityRule(),
         "normalize": IdentityRule(),
@@ -268,6 +276,11 @@ def _in_front(extra: dict | None, layer_map: dict) -> dict:
     return merged
 
 
+#: The recommended attention-sink setting of :func:`attnlrp_sinks` (chosen on two models and four
+#: prompt sets, ``benchmarks/results/sinks.md``): every row split by its weight on the sink.
+SINKS: str = "mix"
+
+
 def attnlrp(
     *,
     epsilon: float = DEFAULT_EPSILON,
@@ -275,8 +288,22 @@ def attnlrp(
     strict: bool = False,
     layer_map: dict | None = None,
     ops: dict | None = None,
+    sinks: float | str | None = None,
 ) -> Composite:
     """A fresh Composite with the AttnLRP rules (Achtibat et al., ICML 2024).
+
+    ``sinks=None`` (the default) gives the paper's rules unchanged. Models with strong attention
+    sinks (measured on Gemma-3-270m; LXT reports the same for Qwen3: many heads put most of their
+    weight on the first token) lose most of the relevance in the softmax rule's bias term and give
+    the first token large negative relevance. ``sinks='mix'`` splits the relevance of every query
+    row of an attention: the share ``m`` (the row's attention weight on the sink) treats the
+    attention weights as constants (CP-LRP: to the values), the share ``1 - m`` keeps the softmax
+    rule; ``sinks=t`` (a number) treats the rows with ``m > t`` as constants and keeps the others.
+    This deviates from the paper and from LXT (which applies the softmax rule to every row) because
+    the softmax rule's output depends on the logits' common offset, which a sink makes large; see
+    ``docs/attention_sinks.md``. :func:`attnlrp_sinks` is the recommended setting for such models;
+    on SmolLM2 the paper's rules ranked the answer word first more often
+    (``benchmarks/results/sinks.md``).
 
     Parameters
     ----------
@@ -292,13 +319,52 @@ def attnlrp(
         a normalization class the preset does not know).
     ops : dict, optional
         Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
+    sinks : {None, 'mix'} or float, optional
+        ``None``: AttnLRP as published.  ``'mix'``: each query row's relevance split by its
+        attention weight on the sink key (the first key the sequence attends to).  A threshold in
+        ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention weights.  Applies
+        to ``F.scaled_dot_product_attention`` (the
+        ``"sdpa"`` attention of transformers models) and ``nn.MultiheadAttention``; eager
+        attention (``torch.softmax`` then ``matmul``) keeps the paper's softmax rule.
 
     Returns
     -------
     Composite
         Register it with ``attnlrp().register(model)``.
     """
-    return _preset(op_rules(epsilon=epsilon), False, relevance_sources, strict, layer_map, ops)
+    rules = op_rules(epsilon=epsilon, sinks=sinks)
+    return _preset(rules, False, relevance_sources, strict, layer_map, ops)
+
+
+def attnlrp_sinks(
+    *,
+    threshold: float | str = SINKS,
+    epsilon: float = DEFAULT_EPSILON,
+    relevance_sources: bool = True,
+    strict: bool = False,
+    layer_map: dict | None = None,
+    ops: dict | None = None,
+) -> Composite:
+    """AttnLRP with attention-sink handling: ``attnlrp(sinks=threshold)`` with the recommended setting.
+
+    Use it for models with attention sinks (most current decoder LMs: Gemma-3, Qwen, Llama-style
+    models with a ``<bos>`` token); ``attnlrp()`` stays the paper's method.  See
+    ``docs/attention_sinks.md`` for the math and the measurements behind the threshold.
+
+    Parameters
+    ----------
+    threshold : {'mix'} or float, optional
+        ``'mix'`` (default) or the attention weight on the sink above which a query row's weights are
+        constants (see :func:`attnlrp`).
+    epsilon, relevance_sources, strict, layer_map, ops
+        As in :func:`attnlrp`.
+
+    Returns
+    -------
+    Composite
+    """
+    return attnlrp(epsilon=epsilon, relevance_sources=relevance_sources, strict=strict, layer_map=layer_map, ops=ops,
+                   sinks=threshold)
 
 
 def cp_lrp(
@@ -336,13 +402,37 @@ def cp_lrp(
     return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), True, relevance_sources, strict, layer_map, ops)
 
 
+class _EagerAttentionWarning:
+    """Composite extension: warn at registration when ``sinks`` is set but the model uses eager attention."""
+
+    changes_model = False
+
+    def register(self, model: nn.Module, registration) -> dict:
+        config = getattr(model, "config", None)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            warnings.warn(
+                "attnlrp(sinks=...) handles attention sinks in F.scaled_dot_product_attention; this model uses eager "
+                "attention (torch.softmax then matmul), which keeps the paper's softmax rule. Load the model with "
+                "attn_implementation='sdpa' (or set model.config._attn_implementation = 'sdpa').",
+                UserWarning,
+                stacklevel=3,
+            )
+        return {}
+
+    def __repr__(self) -> str:
+        return "EagerAttentionWarning()"
+
+
 def _preset(rules, cp, relevance_sources, strict, layer_map, ops) -> Composite:
     modules = transformer_layer_map(relevance_sources=relevance_sources, constant_routers=cp)
+    extensions = [TransformersCheckpointing(), StateSpaceMixers()]
+    if getattr(rules["attention"], "sinks", None) is not None:
+        extensions.append(_EagerAttentionWarning())
     return Composite(
         _in_front(layer_map, modules),
         ops={**rules, **(ops or {})},
         parameter_sources=EMBEDDING_PARAMETERS if relevance_sources else (),
-        extensions=[TransformersCheckpointing(), StateSpaceMixers()],
+        extensions=extensions,
         strict=strict,
         warn_unmatched=False,
     )

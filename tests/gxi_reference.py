@@ -11,6 +11,11 @@ changed, and relevance is ``input * gradient``:
   CP-LRP: a factor that an activation produced (the gate of a gated MLP) is detached instead;
 * softmax (AttnLRP): the plain gradient, which *is* the deep-Taylor rule with bias;
   CP-LRP: the attention weights are detached;
+  AttnLRP with ``sinks=t``: in scaled dot-product attention, the rows of attention weights whose
+  weight on the first key that the last query attends to exceeds ``t`` are detached, and their
+  product with the values keeps its full gradient (the other rows: as AttnLRP); ``sinks='mix'``:
+  each row is the blend ``m * (detached weights) @ v + (1 - m) * AttnLRP's product``, ``m`` its
+  (constant) weight on that key;
 * normalizers (a divisor, a root, a variance, a norm) are detached;
   powers get the identity rule (gradient ``f(x) / x``);
 * mixture of experts: top-k selection and index_add_ keep the plain gradient (selection, sum);
@@ -75,9 +80,10 @@ class GxIMode(TorchFunctionMode):
                    torch.norm, torch.linalg.vector_norm}
     POWERS = {torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square}
 
-    def __init__(self, cp: bool, gates: dict, constant_gates: bool = True):
+    def __init__(self, cp: bool, gates: dict, constant_gates: bool = True, sinks: float | None = None):
         super().__init__()
         self.cp = cp
+        self.sinks = sinks
         self.constant_gates = constant_gates
         self.gates = gates  # id -> tensor: outputs of activations (kept alive, so ids stay unique)
 
@@ -162,10 +168,28 @@ class GxIMode(TorchFunctionMode):
         weights = torch.softmax(scores, -1)
         if self.cp:
             weights = weights.detach()
+        if self.sinks is not None and not self.cp:
+            return exact.detach() + self._sink_rows_product(weights, v)
         out = torch.matmul(weights, v)
         if _rg(weights) and _rg(v):
             out = _half_gradient(out)
         return exact.detach() + (out - out.detach())
+
+    def _sink_rows_product(self, weights, v):
+        """``weights @ v`` (gradient part only) with the sink rows' weights constant."""
+        sink = (weights[..., -1:, :] > 0).to(torch.int8).argmax(-1, keepdim=True)  # first key the last row sees
+        mass = torch.take_along_dim(weights, sink.expand(*weights.shape[:-1], 1), -1)
+        if self.sinks == "mix":  # a blend of the two formulations, by the weight on the sink
+            share = mass.detach()
+            constant_rows = torch.matmul(weights.detach(), v)
+            softmax_rows = _half_gradient(torch.matmul(weights, v)) if _rg(v) else torch.matmul(weights, v)
+            mixed = share * constant_rows + (1 - share) * softmax_rows
+            return mixed - mixed.detach()
+        rows = (mass > self.sinks).detach()
+        constant = torch.where(rows, weights.detach(), weights)
+        out = torch.matmul(constant, v)
+        mixed = torch.where(rows, out, _half_gradient(out)) if _rg(v) else out
+        return mixed - mixed.detach()
 
 
 def _is_activation_module(module: nn.Module) -> bool:
@@ -221,7 +245,8 @@ def constant_scan_parameters(model: nn.Module):
             setattr(modeling, name, function)
 
 
-def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bool = True, leaf_inputs=()):
+def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bool = True, leaf_inputs=(),
+                  sinks: float | None = None):
     """Relevance of every embedding output (and of ``leaf_inputs``) by Gradient x Input.
 
     Parameters
@@ -237,6 +262,8 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bo
         definition of CP-LRP); else products of two relevance-carrying factors split uniformly.
     leaf_inputs : sequence of (name, tensor)
         Inputs that require a gradient, passed to the model by ``run``.
+    sinks : float, optional
+        AttnLRP with sink rows of scaled dot-product attention as constants (``attnlrp(sinks=...)``).
 
     Returns
     -------
@@ -275,7 +302,7 @@ def gxi_relevance(model: nn.Module, run, *, cp: bool = False, constant_gates: bo
 
             handles.append(module.register_forward_hook(identity))
     try:
-        with GxIMode(cp, gates, constant_gates), constant_scan_parameters(model):
+        with GxIMode(cp, gates, constant_gates, sinks), constant_scan_parameters(model):
             target = run(model)
         target.backward()
     finally:

@@ -31,6 +31,7 @@ EXPECTED = (
     "07_explaining_a_dataset",
     "08_evaluating_explanations",
     "09_knowledge_neurons",
+    "10_attention_sinks",
 )
 CELL_TIMEOUT_S = 600
 

@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon, sign_shift, stabilize, stabilized_quotient
 from .shapes import compute_dtype, sum_to_shape
+from .sinks import check_sinks, mass_from_probs, sink_mass, sink_rows
 
 __all__ = ["scaled_dot_product_attention", "attention_relevance", "blocked_attention_relevance", "mask_is_pure"]
 
@@ -78,7 +79,7 @@ def _fold_groups(relevance, like, groups):
 
 
 def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, scale=None,
-                        epsilon: float = DEFAULT_EPSILON, cp: bool = False):
+                        epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
     r"""The AttnLRP rules of attention written out on the full score matrix (the reference backward pass).
 
     With ``A = q k^T``, scores ``X = scale A + M`` (``M`` the additive mask, a constant),
@@ -88,6 +89,9 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
     the mask absorbs its share ``R_A = R_X (scale A + e) / (X + e)``, and
     ``R_q = 1/2 (R_A / stab(A)) k q``, ``R_k = 1/2 (R_A / stab(A))^T q k`` (Proposition 3.3).
     Without a bias in the mask ``R_A / A = scale (R_S - S rowsum(R_S))`` exactly.
+
+    With ``sinks = t``, the rows whose weight on the sink key (:func:`~lxt_explicit.functional.sinks.sink_mass`)
+    exceeds ``t`` are CP-LRP rows: ``R_v`` takes all of their relevance and their ``R_S`` is zero.
 
     Returns
     -------
@@ -104,10 +108,12 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
     probs = torch.softmax(scores, -1)
     out = probs @ vc
     G = stabilized_quotient(relevance.to(dtype), out, epsilon)
-    R_v = (1.0 if cp else 0.5) * (probs.transpose(-1, -2) @ G) * vc
+    sinks = check_sinks(sinks)
+    rows = sink_rows(mass_from_probs(probs, attn_mask), sinks) if sinks is not None and not cp else 0.0
+    R_v = (1.0 if cp else 0.5) * (probs.transpose(-1, -2) @ (G * (1.0 + rows))) * vc
     if cp:
         return torch.zeros_like(q), torch.zeros_like(k), _fold_groups(R_v, v, groups)
-    R_S = 0.5 * probs * (G @ vc.transpose(-1, -2))
+    R_S = 0.5 * probs * ((G * (1.0 - rows)) @ vc.transpose(-1, -2))
     T = R_S - probs * R_S.sum(-1, keepdim=True)
     if mask_is_pure(attn_mask):
         G_A = scale * T
@@ -120,12 +126,14 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
 
 
 def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_causal=False, scale=None,
-                                epsilon: float = DEFAULT_EPSILON, cp: bool = False, block_elements=None):
+                                epsilon: float = DEFAULT_EPSILON, cp: bool = False, block_elements=None,
+                                sinks: float | str | None = None):
     """:func:`attention_relevance`, with the scores recomputed ``block_elements`` at a time (no full score matrix).
 
     ``out`` is the attention output (the denominator of the value rule).  Returns ``(R_q, R_k, R_v)``.
     """
     dtype = compute_dtype(out)
+    sinks = check_sinks(sinks)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     kc, vc, groups = _expand_groups(qc, kc, vc)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
@@ -147,7 +155,12 @@ def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_c
         if mask is not None:
             scores += mask[..., rows, :] if mask.size(-2) != 1 else mask
         probs = torch.softmax(scores, dim=-1)
-        value_sum += probs.transpose(-1, -2) @ g_b  # value side: S^T G
+        if sinks is not None and not cp:  # sink rows: all relevance to the values (twice the half share)
+            rows_b = sink_rows(mass_from_probs(probs, attn_mask), sinks)
+            value_sum += probs.transpose(-1, -2) @ (g_b * (1.0 + rows_b))
+            g_b = g_b * (1.0 - rows_b)
+        else:
+            value_sum += probs.transpose(-1, -2) @ g_b  # value side: S^T G
         if cp:
             continue
         # weight side, the factors 1/2 applied at the end: R_S = S (G v^T), then Proposition 3.1
@@ -169,6 +182,18 @@ def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_c
     return relevance_q, relevance_k, relevance_v
 
 
+def _sink_row_grads(out, wanted, normed, rows, v, keep):
+    """Gradients of torch's attention for ``wanted``: sink rows (``rows`` = 1) send nothing to the queries
+    and keys and twice the usual to the values (all of their relevance: CP-LRP), the other rows the usual."""
+    weights = [t for t in wanted if t is not v]
+    grads = {}
+    if weights:
+        grads.update(zip(map(id, weights), torch.autograd.grad(out, weights, normed * (1.0 - rows), retain_graph=True)))
+    if any(t is v for t in wanted):
+        (grads[id(v)],) = torch.autograd.grad(out, [v], normed * (1.0 + rows), retain_graph=keep)
+    return [grads[id(t)] for t in wanted]
+
+
 def _keep_graph() -> bool:
     """Whether the running backward pass keeps the graph (``retain_graph=True``); ``True`` if unknown."""
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -179,10 +204,14 @@ class _Attention(Function):
     """AttnLRP / CP-LRP rules for scaled dot-product attention."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, cp, fused):
-        ctx.is_causal, ctx.scale, ctx.epsilon, ctx.cp = is_causal, scale, epsilon, cp
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, cp, fused, sinks):
+        ctx.is_causal, ctx.scale, ctx.epsilon, ctx.cp, ctx.sinks = is_causal, scale, epsilon, cp, sinks
         needs = ctx.needs_input_grad[:3]
         ctx.fused = any(needs) and fused
+        ctx.rows = None
+        if ctx.fused and sinks is not None and not cp:
+            mass = sink_mass(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            ctx.rows = sink_rows(mass, sinks)
         if ctx.fused:
             # Keep the graph of torch's own attention: its fused backward pass computes the rules (see backward).
             # CP-LRP needs only the values' side.
@@ -227,7 +256,10 @@ class _Attention(Function):
         normed = stabilized_quotient(relevance.to(dtype), out.detach().to(dtype), ctx.epsilon).to(out.dtype)
         shares = (0.0, 0.0, 1.0) if ctx.cp else (0.25, 0.25, 0.5)
         wanted = [t for t, share in zip((q, k, v), shares) if t.requires_grad and share]
-        grads = iter(torch.autograd.grad(out, wanted, normed, retain_graph=keep) if wanted else ())
+        if ctx.rows is not None:
+            grads = iter(_sink_row_grads(out, wanted, normed, ctx.rows.to(normed.dtype), v, keep))
+        else:
+            grads = iter(torch.autograd.grad(out, wanted, normed, retain_graph=keep) if wanted else ())
         result = []
         for tensor, share, need in zip((q, k, v), shares, ctx.needs_input_grad[:3]):
             if not need:
@@ -237,22 +269,22 @@ class _Attention(Function):
                 result.append(torch.zeros_like(tensor))
             else:
                 result.append((next(grads).to(dtype) * tensor.detach().to(dtype)).mul_(share).to(tensor.dtype))
-        return tuple(result) + (None,) * 7
+        return tuple(result) + (None,) * 8
 
     @staticmethod
     @once_differentiable
     def backward(ctx, relevance):
         needs = ctx.needs_input_grad[:3]
         if not any(needs):
-            return (None,) * 10
+            return (None,) * 11
         if ctx.fused:
             return _Attention._fused_backward(ctx, relevance)
         q, k, v, out, attn_mask = ctx.saved_tensors
         relevances = blocked_attention_relevance(
             q, k, v, out, relevance, attn_mask=attn_mask, is_causal=ctx.is_causal, scale=ctx.scale,
-            epsilon=ctx.epsilon, cp=ctx.cp,
+            epsilon=ctx.epsilon, cp=ctx.cp, sinks=ctx.sinks,
         )
-        return tuple(r if need else None for r, need in zip(relevances, needs)) + (None,) * 7
+        return tuple(r if need else None for r, need in zip(relevances, needs)) + (None,) * 8
 
 
 def scaled_dot_product_attention(
@@ -267,6 +299,7 @@ def scaled_dot_product_attention(
     epsilon: float = DEFAULT_EPSILON,
     cp: bool = False,
     mask_is_bias_free: bool | None = None,
+    sinks: float | str | None = None,
 ):
     r"""Scaled dot-product attention with the AttnLRP (or CP-LRP) rules in the backward pass.
 
@@ -308,6 +341,13 @@ def scaled_dot_product_attention(
     mask_is_bias_free : bool, optional
         Whether ``attn_mask`` only attends or blocks (:func:`mask_is_pure`); checked here (reading
         the mask) if not given.  Callers that see one mask many times can check it once.
+    sinks : {None, 'mix'} or float, optional
+        Attention-sink handling (``None``: AttnLRP as published).  A threshold ``t`` in ``[0, 1)``:
+        query rows whose attention weight on the sink (the first key the sequence attends to,
+        :func:`~lxt_explicit.functional.sinks.sink_mass`) exceeds ``t`` get constant attention
+        weights (CP-LRP: all of the row's relevance to the values); the other rows keep the
+        softmax rule.  ``'mix'``: every row's relevance is split, its weight on the sink with
+        constant attention weights, the rest with the softmax rule.  See ``docs/attention_sinks.md``.
 
     Returns
     -------
@@ -323,5 +363,6 @@ def scaled_dot_product_attention(
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fused = tracked and (mask_is_pure(attn_mask) if mask_is_bias_free is None else bool(mask_is_bias_free))
     return _Attention.apply(
-        q, k, v, attn_mask, bool(is_causal), scale, bool(enable_gqa), check_epsilon(epsilon), bool(cp), fused
+        q, k, v, attn_mask, bool(is_causal), scale, bool(enable_gqa), check_epsilon(epsilon), bool(cp), fused,
+        check_sinks(sinks),
     )

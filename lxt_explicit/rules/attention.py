@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as lf
+from ..functional.sinks import check_sinks
 from ..ops import argument
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon
 from .base import Rule, RuleDeclined, describe
@@ -55,18 +56,26 @@ class AttentionRule(Rule):
         Stabilizer of the denominators.
     cp : bool, optional
         No relevance through the attention weights (CP-LRP).
+    sinks : float, optional
+        ``None`` (AttnLRP as published) or a threshold in ``[0, 1)``: query rows whose attention
+        weight on the sink key exceeds it get constant attention weights (see
+        :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``).
     """
 
-    def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False):
+    def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
         self.epsilon = check_epsilon(epsilon)
         self.cp = bool(cp)
+        self.sinks = check_sinks(sinks)
         self._purity = _MaskPurity()
 
     def options(self):
-        return {"epsilon": self.epsilon, "cp": self.cp}
+        options = {"epsilon": self.epsilon, "cp": self.cp}
+        if self.sinks is not None:
+            options["sinks"] = self.sinks
+        return options
 
     def copy(self) -> "AttentionRule":
-        return type(self)(epsilon=self.epsilon, cp=self.cp)
+        return type(self)(epsilon=self.epsilon, cp=self.cp, sinks=self.sinks)
 
     def explain_call(self, fn, args, kwargs):
         if fn is not F.scaled_dot_product_attention:
@@ -88,7 +97,7 @@ class AttentionRule(Rule):
         """:func:`~lxt_explicit.functional.scaled_dot_product_attention` with this rule's settings."""
         return lf.scaled_dot_product_attention(
             q, k, v, epsilon=self.epsilon, cp=self.cp, mask_is_bias_free=self._purity(options.get("attn_mask")),
-            **options,
+            sinks=self.sinks, **options,
         )
 
 
