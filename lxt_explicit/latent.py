@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LatentRecorder", "SAE_CHILD", "check_latent_specs", "decoder_layers", "latent_modules", "steer"]
+__all__ = ["LatentRecorder", "SAE_CHILD", "check_latent_specs", "decoder_layers", "latent_modules"]
 
 #: The name under which :func:`lxt_explicit.neurons.insert_sae` adds its block to the site module.
 SAE_CHILD = "lxt_sae"
@@ -160,5 +160,12 @@ class LatentRecorder:
         return False
 
 
-# Re-exported last: lxt_explicit.neurons builds on the names above.
-from .neurons.steer import steer  # noqa: E402
+
+def __getattr__(name: str):
+    """``lxt_explicit.latent.steer`` is :func:`lxt_explicit.neurons.steer`, imported when first asked for
+    (:mod:`lxt_explicit.neurons` builds on this module, so importing it here eagerly would be circular)."""
+    if name == "steer":
+        from .neurons.steer import steer
+
+        return steer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
