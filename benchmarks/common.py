@@ -164,6 +164,21 @@ def load_model(name: str, *, attn: str = "sdpa", dtype=torch.float32, device="cp
     )
 
 
+def smollm2_or_tiny(smoke: bool):
+    """``(model, tokenizer, description)``: SmolLM2-135M-Instruct (parameters frozen), or for a smoke
+    run a tiny random Llama with SmolLM2's tokenizer."""
+    from lxt_explicit.models.smollm2 import load_smollm2, smollm2_folder
+
+    if not smoke:
+        model, tokenizer = load_smollm2()
+        return model.requires_grad_(False), tokenizer, "SmolLM2-135M-Instruct"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    model = synthetic_llama("tiny", vocab_size=len(tokenizer)).requires_grad_(False)
+    return model, tokenizer, "synthetic Llama 'tiny' (random weights) with SmolLM2's tokenizer"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``'float32'``, ``'bfloat16'`` or ``'float16'`` as a torch dtype."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -71,20 +71,6 @@ def method_table(settings: dict) -> dict:
     return table
 
 
-def load(smoke: bool):
-    """``(model, tokenizer, description)``: SmolLM2-135M-Instruct, or a tiny random Llama with its tokenizer."""
-    from lxt_explicit.models.smollm2 import load_smollm2, smollm2_folder
-
-    if not smoke:
-        model, tokenizer = load_smollm2()
-        return model.requires_grad_(False), tokenizer, "SmolLM2-135M-Instruct"
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    model = common.synthetic_llama("tiny", vocab_size=len(tokenizer)).requires_grad_(False)
-    return model, tokenizer, "synthetic Llama 'tiny' (random weights) with SmolLM2's tokenizer"
-
-
 def intervals(summary: dict) -> dict:
     """Intervals as lists (JSON)."""
     return {m: {k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for m, e in summary.items()}
@@ -240,7 +226,7 @@ def main(argv=None) -> int:
         args.entity_items, args.agreement_items, args.patching_prompts, args.neurons = 2, 2, 2, 8
         args.steps, args.ig_steps, args.smoothgrad_samples, args.bootstrap, args.reading_items = 4, 2, 2, 100, 2
     common.set_threads()
-    model, tokenizer, description = load(args.smoke)
+    model, tokenizer, description = common.smollm2_or_tiny(args.smoke)
     runners = {"entities": lambda: run_entities(model, tokenizer, args, common.log),
                "agreement": lambda: run_agreement(model, tokenizer, args, common.log),
                "patching": lambda: run_patching(model, tokenizer, args, common.log),

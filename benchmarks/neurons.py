@@ -33,20 +33,6 @@ from lxt_explicit.neurons import SELECTIONS, ablation_curves  # noqa: E402
 SHOWN = (1, 2, 4, 8, 16, 32)
 
 
-def load(smoke: bool):
-    """``(model, tokenizer, description)``: SmolLM2-135M-Instruct, or a tiny random Llama with its tokenizer."""
-    from lxt_explicit.models.smollm2 import load_smollm2, smollm2_folder
-
-    if not smoke:
-        model, tokenizer = load_smollm2()
-        return model.requires_grad_(False), tokenizer, "SmolLM2-135M-Instruct"
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    model = common.synthetic_llama("tiny", vocab_size=len(tokenizer)).requires_grad_(False)
-    return model, tokenizer, "synthetic Llama 'tiny' (random weights) with SmolLM2's tokenizer"
-
-
 def prompts(count: int) -> list[str]:
     from lxt_explicit.data.reading_comprehension import ITEMS
 
@@ -67,7 +53,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.items, args.blocks, args.max_k, args.random_draws = 2, [1], 4, 1
     common.set_threads()
-    model, tokenizer, description = load(args.smoke)
+    model, tokenizer, description = common.smollm2_or_tiny(args.smoke)
     from lxt_explicit.data.reading_comprehension import ANSWER_PREFILL, SYSTEM_PROMPT
 
     options = dict(chat=True, system=SYSTEM_PROMPT, prefill=ANSWER_PREFILL)

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from lxt_explicit.explain import explain  # noqa: E402
 from lxt_explicit.per_token import explain_tokens  # noqa: E402
 from lxt_explicit.presets import attnlrp  # noqa: E402
+from lxt_explicit.targets import embedding_name  # noqa: E402
 
 PROMPTS = {
     "smollm2": "The history of Paris, the capital of France, began",
@@ -71,7 +72,7 @@ def literal_rows(model, matrix) -> list[torch.Tensor]:
     AttnLRP composite registered, a forward pass over the prefix, a backward pass from the token's logit."""
     composite = attnlrp()
     composite.register(model)
-    source = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    source = embedding_name(model)
     rows = []
     try:
         for t in range(len(matrix)):

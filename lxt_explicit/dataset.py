@@ -41,7 +41,7 @@ import torch
 from .explain import METHODS, explain
 from .per_token import explain_tokens
 from .runfiles import RunFiles, complete_lines
-from .sinks import relevance_shares, sink_shares, special_positions
+from .sinks import json_shares, sink_shares, special_positions
 from .targets import needed_logits
 
 __all__ = ["RunSummary", "answer_ranks", "check_options", "explain_dataset", "explain_rows", "read_rows", "row_key",
@@ -237,10 +237,6 @@ def per_token_output(model, tokenizer, row: dict, options: dict) -> dict:
     rows = [matrix.relevance[t, : start + t].double() for t in range(len(matrix))]
     total, value = matrix.relevance.double().sum(0), float(matrix.target_values.double().sum())
 
-    def shares(values):
-        found = relevance_shares(values, [p for p in special if p < len(values)])
-        return {k: (v if math.isfinite(v) else None) for k, v in found.items()}
-
     explanation = {
         "token_texts": list(matrix.token_texts), "token_ids": list(matrix.token_ids), "prompt_length": start,
         "answer": matrix.answer_text, "matrix": [r.tolist() for r in rows],
@@ -248,8 +244,8 @@ def per_token_output(model, tokenizer, row: dict, options: dict) -> dict:
         "stop_reason": matrix.stop_reason, "target": f"every token of the answer {matrix.answer_text!r} (rows summed)",
         "target_value": value, "relevance": total.tolist(),
         "conservation": float(total.sum()) / value if value else None,
-        "relevance_shares": {**shares(total), "special_positions": special},
-        "relevance_shares_per_token": [shares(r) for r in rows],
+        "relevance_shares": {**json_shares(total, special), "special_positions": special},
+        "relevance_shares_per_token": [json_shares(r, [p for p in special if p < len(r)]) for r in rows],
     }
     return {**row, "explanation": explanation, "error": None}
 

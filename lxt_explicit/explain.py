@@ -36,7 +36,7 @@ from .latent import LatentRecorder, check_latent_specs, latent_modules
 from .presets import attnlrp, cp_lrp
 from .prompts import STOPS, answer_length, check_prompts, encode, eos_ids, generate_greedy, prompt_text, token_texts
 from .stabilizer import DEFAULT_EPSILON
-from .targets import needed_logits, select_targets, token_id, vocabulary_size
+from .targets import embedding_name, needed_logits, select_targets, token_id, vocabulary_size
 
 __all__ = ["Explanation", "explain", "latent_modules"]
 
@@ -233,7 +233,7 @@ def _explain_batch(model, tokenizer, prompts: list[str], options: dict) -> list[
     sequences = [sequence for sequence, *_ in extended]
     prompt_lengths = [len(ids) for ids, _ in encoded]
     sources, latent, targets = _relevance(model, tokenizer, sequences, prompt_lengths, options)
-    token_source = _source_name(model)
+    token_source = embedding_name(model)
     if token_source not in sources:
         raise RuntimeError(
             f"no relevance arrived at the input embeddings ({token_source}); the composite needs a "
@@ -308,8 +308,3 @@ def _relevance(model, tokenizer, sequences, prompt_lengths, options):
         if registered_here:
             composite.remove()
     return sources, recorder.relevance, targets
-
-
-def _source_name(model: nn.Module) -> str:
-    embedding = model.get_input_embeddings()
-    return next(name for name, module in model.named_modules() if module is embedding)

@@ -28,11 +28,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .explain import METHODS, _check_options, _extend, _resolve_tokens, _source_name
+from .explain import METHODS, _check_options, _extend, _resolve_tokens
 from .explanation import Explanation, _check_count
 from .explanation_io import load_fields, long_frame, model_description, save_fields
 from .prompts import check_prompts, encode, prompt_text, token_texts
-from .targets import needed_logits, token_name
+from .targets import embedding_name, needed_logits, token_name
 
 __all__ = ["TokenMatrix", "explain_tokens"]
 
@@ -256,7 +256,7 @@ def _explain_one(model, tokenizer, prompt: str, options: dict, chunk: int) -> To
     finally:
         if registered_here:
             composite.remove()
-    token_source = _source_name(model)
+    token_source = embedding_name(model)
     if token_source not in sources:
         raise RuntimeError(f"no relevance arrived at the input embeddings ({token_source}); the composite needs a "
                            "RelevanceSource on them (the presets have one)")

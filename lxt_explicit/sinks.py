@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["relevance_shares", "special_positions", "sink_shares"]
+__all__ = ["json_shares", "relevance_shares", "special_positions", "sink_shares"]
 
 
 def special_positions(tokenizer, token_ids: Sequence[int]) -> list[int]:
@@ -76,5 +76,9 @@ def sink_shares(explanation, tokenizer) -> dict:
         strict JSON: a share that is not defined (all relevance zero) is ``None``.
     """
     positions = special_positions(tokenizer, explanation.token_ids)
-    shares = relevance_shares(explanation.relevance, positions)
-    return {**{k: (v if math.isfinite(v) else None) for k, v in shares.items()}, "special_positions": positions}
+    return {**json_shares(explanation.relevance, positions), "special_positions": positions}
+
+
+def json_shares(relevance, special: Sequence[int] = ()) -> dict:
+    """:func:`relevance_shares` for strict JSON: a share that is not defined (all relevance zero) is ``None``."""
+    return {k: (v if math.isfinite(v) else None) for k, v in relevance_shares(relevance, special).items()}

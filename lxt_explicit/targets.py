@@ -19,7 +19,10 @@ from torch import nn
 
 from .prompts import token_texts
 
-__all__ = ["Targets", "needed_logits", "select_targets", "token_id", "token_name", "vocabulary_size"]
+__all__ = [
+    "Targets", "embedding_name", "is_integer", "needed_logits", "select_targets", "token_id", "token_name",
+    "vocabulary_size",
+]
 
 
 @dataclass
@@ -59,7 +62,7 @@ def token_id(tokenizer, token, what: str, vocabulary: int) -> int:
                 "(e.g. with its leading space, ' Paris'), a token id, or use continuation= for several tokens"
             )
         token = ids[0]
-    elif isinstance(token, bool) or not _is_integer(token):
+    elif not is_integer(token):
         raise TypeError(f"{what} must be a token id (int) or a string that is one token, got {token!r}")
     token = operator.index(token)
     if not 0 <= token < vocabulary:
@@ -67,12 +70,22 @@ def token_id(tokenizer, token, what: str, vocabulary: int) -> int:
     return token
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer (``int``, a NumPy or 0-d integer tensor: anything ``operator.index``
+    takes), ``bool`` excluded."""
+    if isinstance(value, bool):
+        return False
     try:
         operator.index(value)
     except TypeError:
         return False
     return True
+
+
+def embedding_name(model: nn.Module) -> str:
+    """Name of the token-embedding module inside ``model`` (where token relevance is read)."""
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def needed_logits(model: nn.Module, inputs: dict, keep: int) -> torch.Tensor:

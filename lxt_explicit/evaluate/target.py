@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..targets import embedding_name, is_integer
+
 __all__ = ["Target", "as_target", "embed", "embedding_name", "explained_values", "is_causal_lm", "model_logits"]
 
 
@@ -40,7 +42,7 @@ class Target:
     def __post_init__(self):
         for name in ("token", "position") + (("contrast",) if self.contrast is not None else ()):
             value = getattr(self, name)
-            if isinstance(value, bool) or not _is_integer(value):
+            if not is_integer(value):
                 raise TypeError(f"Target.{name} must be an integer (a token id or a position), got {value!r}")
         if self.token < 0 or (self.contrast is not None and self.contrast < 0):
             raise ValueError(f"token ids are not negative, got token={self.token}, contrast={self.contrast}")
@@ -68,27 +70,13 @@ class Target:
         return (selected * signs).sum(-1)
 
 
-def _is_integer(value) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
 def as_target(target: Target | int) -> Target:
     """``target`` as a :class:`Target` (a token id means that token's logit at the last position)."""
     if isinstance(target, Target):
         return target
-    if isinstance(target, bool) or not _is_integer(target):
+    if not is_integer(target):
         raise TypeError(f"target must be a Target or a token id (int), got {type(target).__name__}")
     return Target(operator.index(target))
-
-
-def embedding_name(model: nn.Module) -> str:
-    """Name of the token-embedding module inside ``model`` (where token relevance is read)."""
-    embedding = model.get_input_embeddings()
-    return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
