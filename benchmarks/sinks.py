@@ -1,4 +1,4 @@
-"""Attention sinks: AttnLRP as published against AttnLRP with sink rows as constants (``attnlrp(sinks=t)``).
+"""Attention sinks: AttnLRP as published against ``attnlrp(sinks=...)`` (the sink as a gate, or sink rows as constants).
 
 On SmolLM2-135M-Instruct and Gemma-3-270m (base), on four prompt sets (``sink_prompts.py``:
 reading comprehension with a distractor, entity tracking, induction/copying; subject-verb agreement
@@ -216,15 +216,15 @@ def run_model(name, args, log) -> dict:
 
 
 def threshold(text: str):
-    return text if text == "mix" else float(text)
+    return text if text in ("gate", "mix") else float(text)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ("smoke",))
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--thresholds", nargs="+", type=threshold, default=["mix", 0.5],
-                        help="settings of attnlrp(sinks=...): 'mix' or thresholds")
+    parser.add_argument("--thresholds", nargs="+", type=threshold, default=["gate", "mix"],
+                        help="settings of attnlrp(sinks=...): 'gate', 'mix' or thresholds")
     parser.add_argument("--items", type=int, default=0, help="correctly answered items per set (0: all)")
     parser.add_argument("--agreement-items", type=int, default=4, help="agreement items per template")
     parser.add_argument("--trace-items", type=int, default=2)

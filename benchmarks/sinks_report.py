@@ -96,10 +96,13 @@ def report(results: dict) -> str:
              *([f"Merged with: `{results['merged_with']}`  "] if results.get("merged_with") else []),
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
              "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".", "",
-             "`AttnLRP, sinks=mix` is `lxt_explicit.attnlrp(sinks='mix')` (= `lxt_explicit.attnlrp_sinks()`): every "
-             "query row's relevance is split, the share equal to its attention weight on the sink (the first token) "
-             "with constant attention weights (CP-LRP), the rest with the softmax rule; `sinks=t` (a number): rows "
-             "whose weight on the sink exceeds `t` are constant, the others keep the softmax rule. Only items the "
+             "`AttnLRP, sinks=gate` is `lxt_explicit.attnlrp(sinks='gate')` (= `lxt_explicit.attnlrp_sinks()`): "
+             "every attention row is `o = s_z v_z + (1 - s_z) o'` with `s_z` its weight on the sink (the first token) "
+             "and `o'` the attention over the other tokens; the gate `1 - s_z` is a constant, `s_z v_z` a bias, and "
+             "the paper's rules apply to `o'`. `AttnLRP, sinks=mix` (`attnlrp(sinks='mix')`): every query row's "
+             "relevance is split, the share equal to its attention weight on the sink with constant attention "
+             "weights (CP-LRP), the rest with the softmax rule; `sinks=t` (a number): rows whose weight on the sink "
+             "exceeds `t` are constant, the others keep the softmax rule. Only items the "
              "model answers correctly are scored. *Answer first*: the answer word's occurrence is the most relevant "
              "token of its region of the prompt (the context sentence, the sentence with the facts, the first "
              "list), so the distractor and the other context words compete with it; MRR likewise. ABPC: tokens "

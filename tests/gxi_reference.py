@@ -15,7 +15,8 @@ changed, and relevance is ``input * gradient``:
   weight on the first key that the last query attends to exceeds ``t`` are detached, and their
   product with the values keeps its full gradient (the other rows: as AttnLRP); ``sinks='mix'``:
   each row is the blend ``m * (detached weights) @ v + (1 - m) * AttnLRP's product``, ``m`` its
-  (constant) weight on that key;
+  (constant) weight on that key; ``sinks='gate'``: ``m * v_z`` (``z`` that key) is a constant and the
+  rest is ``(1 - m)`` (constant) times AttnLRP's product of the softmax over the other keys with the values;
 * normalizers (a divisor, a root, a variance, a norm) are detached;
   powers get the identity rule (gradient ``f(x) / x``);
 * mixture of experts: top-k selection and index_add_ keep the plain gradient (selection, sum);
@@ -179,6 +180,16 @@ class GxIMode(TorchFunctionMode):
         """``weights @ v`` (gradient part only) with the sink rows' weights constant."""
         sink = (weights[..., -1:, :] > 0).to(torch.int8).argmax(-1, keepdim=True)  # first key the last row sees
         mass = torch.take_along_dim(weights, sink.expand(*weights.shape[:-1], 1), -1)
+        if self.sinks == "gate":  # o = m v_z + (1 - m) softmax(scores without z) v: m constant, m v_z a bias
+            column = torch.zeros_like(weights[..., :1, :]).scatter_(-1, sink, 1.0) > 0
+            gate = (1 - mass).detach()
+            others = weights.masked_fill(column, 0.0)
+            total = others.sum(-1, keepdim=True)
+            rest = others / total.clamp(min=torch.finfo(total.dtype).tiny)  # the softmax without z, and its gradient
+            product = torch.matmul(rest, v)
+            product = _half_gradient(product) if _rg(v) and _rg(rest) else product
+            gated = gate * product
+            return gated - gated.detach()
         if self.sinks == "mix":  # a blend of the two formulations, by the weight on the sink
             share = mass.detach()
             constant_rows = torch.matmul(weights.detach(), v)

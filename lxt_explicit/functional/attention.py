@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon, sign_shift, stabilize, stabilized_quotient
 from .shapes import compute_dtype, sum_to_shape
-from .sinks import check_sinks, mass_from_probs, sink_mass, sink_rows
+from .sinks import GATE, check_sinks, mass_from_probs, sink_column, sink_mass, sink_rows
 
 __all__ = ["scaled_dot_product_attention", "attention_relevance", "blocked_attention_relevance", "mask_is_pure"]
 
@@ -92,6 +92,10 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
 
     With ``sinks = t``, the rows whose weight on the sink key (:func:`~lxt_explicit.functional.sinks.sink_mass`)
     exceeds ``t`` are CP-LRP rows: ``R_v`` takes all of their relevance and their ``R_S`` is zero.
+    With ``sinks = 'gate'`` each row is ``o = s_z v_z + g o'`` with ``z`` the sink key, ``g = 1 - s_z``
+    a constant gate and ``o' = softmax(X without column z) v``: ``s_z v_z`` is a bias (it absorbs
+    its share), and the rules above apply to ``o'`` (``S`` without its sink column in ``R_v`` and
+    ``R_S``, the row sums of the softmax rule taken with ``S' = S / g``).
 
     Returns
     -------
@@ -109,12 +113,15 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
     out = probs @ vc
     G = stabilized_quotient(relevance.to(dtype), out, epsilon)
     sinks = check_sinks(sinks)
-    rows = sink_rows(mass_from_probs(probs, attn_mask), sinks) if sinks is not None and not cp else 0.0
-    R_v = (1.0 if cp else 0.5) * (probs.transpose(-1, -2) @ (G * (1.0 + rows))) * vc
+    weights, normalized = probs, probs
+    if sinks == GATE and not cp:
+        weights, normalized = _gated(probs, sink_column(attn_mask, kc))
+    rows = sink_rows(mass_from_probs(probs, attn_mask), sinks) if sinks not in (None, GATE) and not cp else 0.0
+    R_v = (1.0 if cp else 0.5) * (weights.transpose(-1, -2) @ (G * (1.0 + rows))) * vc
     if cp:
         return torch.zeros_like(q), torch.zeros_like(k), _fold_groups(R_v, v, groups)
-    R_S = 0.5 * probs * ((G * (1.0 - rows)) @ vc.transpose(-1, -2))
-    T = R_S - probs * R_S.sum(-1, keepdim=True)
+    R_S = 0.5 * weights * ((G * (1.0 - rows)) @ vc.transpose(-1, -2))
+    T = R_S - normalized * R_S.sum(-1, keepdim=True)
     if mask_is_pure(attn_mask):
         G_A = scale * T
     else:
@@ -123,6 +130,17 @@ def attention_relevance(q, k, v, relevance, *, attn_mask=None, is_causal=False, 
     R_q = 0.5 * (G_A @ kc) * qc
     R_k = 0.5 * (G_A.transpose(-1, -2) @ qc) * kc
     return R_q.to(q.dtype), _fold_groups(R_k, k, groups), _fold_groups(R_v, v, groups)
+
+
+def _gated(probs, column):
+    """The weights of ``o'`` in ``o = s_z v_z + g o'``: ``S`` without the sink column, and that divided by ``g``.
+
+    ``g`` is summed from the other keys' weights (not ``1 - s_z``, which cancels in an almost-all-sink
+    row); a row that attends only to the sink has ``g = 0`` and no ``o'``.
+    """
+    weights = probs * (1.0 - column)
+    gate = weights.sum(-1, keepdim=True)
+    return weights, torch.where(gate > 0, weights / gate.clamp(min=torch.finfo(gate.dtype).tiny), 0.0)
 
 
 def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_causal=False, scale=None,
@@ -154,8 +172,11 @@ def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_c
         scores = raw * scale
         if mask is not None:
             scores += mask[..., rows, :] if mask.size(-2) != 1 else mask
-        probs = torch.softmax(scores, dim=-1)
-        if sinks is not None and not cp:  # sink rows: all relevance to the values (twice the half share)
+        probs = normalized = torch.softmax(scores, dim=-1)
+        if sinks == GATE and not cp:  # the sink's value a bias; the softmax rule on the other keys
+            probs, normalized = _gated(probs, sink_column(attn_mask, kc))
+            value_sum += probs.transpose(-1, -2) @ g_b
+        elif sinks is not None and not cp:  # sink rows: all relevance to the values (twice the half share)
             rows_b = sink_rows(mass_from_probs(probs, attn_mask), sinks)
             value_sum += probs.transpose(-1, -2) @ (g_b * (1.0 + rows_b))
             g_b = g_b * (1.0 - rows_b)
@@ -165,8 +186,8 @@ def blocked_attention_relevance(q, k, v, out, relevance, *, attn_mask=None, is_c
             continue
         # weight side, the factors 1/2 applied at the end: R_S = S (G v^T), then Proposition 3.1
         rel = (g_b @ vc.transpose(-1, -2)).mul_(probs)
-        rel.addcmul_(probs, rel.sum(-1, keepdim=True), value=-1.0)
-        del probs
+        rel.addcmul_(normalized, rel.sum(-1, keepdim=True), value=-1.0)
+        del probs, normalized
         # the mask absorbs its share, the scale passes relevance, the q k^T rule divides by stab(q k^T)
         shift = sign_shift(scores, epsilon)
         ratio = (raw * scale).add_(shift).div_(shift.add_(scores))
@@ -194,6 +215,38 @@ def _sink_row_grads(out, wanted, normed, rows, v, keep):
     return [grads[id(t)] for t in wanted]
 
 
+def _without_sink(attn_mask, is_causal, like_q, like_k) -> torch.Tensor:
+    """Boolean mask ``(..., L, S)``: the keys a row attends to, less its sink key (kept where it is the only one)."""
+    query_len, key_len = like_q.size(-2), like_k.size(-2)
+    allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=like_q.device)
+    if attn_mask is not None:
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    if is_causal:
+        allowed = allowed & torch.ones(query_len, key_len, dtype=torch.bool, device=like_q.device).tril()
+    column = sink_column(attn_mask, like_k) > 0
+    rest = allowed & ~column
+    alone = ~rest.any(-1, keepdim=True)  # only the sink: its gate is 0, the row contributes nothing
+    return rest | (alone & column)
+
+
+def _gated_grads(q, k, v, wanted, normed, gated):
+    """Gradients for ``wanted`` of the attention without the sink key, ``o'``, at ``g * R / stab(o)``.
+
+    With the sink key ``z``, ``o = s_z v_z + g o'`` and ``g = 1 - s_z`` a constant: the softmax rule
+    on ``o'`` at the normalized relevance ``g G`` is half of torch's score gradient, as for the
+    whole attention (see :meth:`_Attention._fused_backward`); ``s_z v_z`` is a bias and gets nothing.
+    """
+    attn_mask, is_causal, scale, enable_gqa = gated
+    gate = sink_mass(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                     complement=True)
+    mask = _without_sink(attn_mask, is_causal, q, k)
+    leaves = [t.detach().requires_grad_(any(t is w for w in wanted)) for t in (q, k, v)]
+    with torch.enable_grad():
+        rest = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    chosen = [leaf for leaf, t in zip(leaves, (q, k, v)) if any(t is w for w in wanted)]
+    return torch.autograd.grad(rest, chosen, normed * gate.unsqueeze(-1).to(normed.dtype)) if chosen else ()
+
+
 def _keep_graph() -> bool:
     """Whether the running backward pass keeps the graph (``retain_graph=True``); ``True`` if unknown."""
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -208,7 +261,16 @@ class _Attention(Function):
         ctx.is_causal, ctx.scale, ctx.epsilon, ctx.cp, ctx.sinks = is_causal, scale, epsilon, cp, sinks
         needs = ctx.needs_input_grad[:3]
         ctx.fused = any(needs) and fused
-        ctx.rows = None
+        ctx.rows = ctx.gated = None
+        if ctx.fused and sinks == GATE and not cp:
+            # the rule runs in the backward pass on the attention without the sink key (see _gated_grads)
+            ctx.gated = (attn_mask, is_causal, scale, enable_gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+            ctx.inputs = tuple(t.detach().requires_grad_(need) for t, need in zip((q, k, v), needs))
+            ctx.output = out.detach()
+            return out.detach()
         if ctx.fused and sinks is not None and not cp:
             mass = sink_mass(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
             ctx.rows = sink_rows(mass, sinks)
@@ -256,7 +318,9 @@ class _Attention(Function):
         normed = stabilized_quotient(relevance.to(dtype), out.detach().to(dtype), ctx.epsilon).to(out.dtype)
         shares = (0.0, 0.0, 1.0) if ctx.cp else (0.25, 0.25, 0.5)
         wanted = [t for t, share in zip((q, k, v), shares) if t.requires_grad and share]
-        if ctx.rows is not None:
+        if ctx.gated is not None:
+            grads = iter(_gated_grads(q, k, v, wanted, normed, ctx.gated))
+        elif ctx.rows is not None:
             grads = iter(_sink_row_grads(out, wanted, normed, ctx.rows.to(normed.dtype), v, keep))
         else:
             grads = iter(torch.autograd.grad(out, wanted, normed, retain_graph=keep) if wanted else ())
@@ -341,8 +405,12 @@ def scaled_dot_product_attention(
     mask_is_bias_free : bool, optional
         Whether ``attn_mask`` only attends or blocks (:func:`mask_is_pure`); checked here (reading
         the mask) if not given.  Callers that see one mask many times can check it once.
-    sinks : {None, 'mix'} or float, optional
-        Attention-sink handling (``None``: AttnLRP as published).  A threshold ``t`` in ``[0, 1)``:
+    sinks : {None, 'gate', 'mix'} or float, optional
+        Attention-sink handling (``None``: AttnLRP as published).  ``'gate'``: each row is
+        ``o = s_z v_z + g o'`` with ``z`` the sink key, the gate ``g = 1 - s_z`` a constant, the
+        sink's value term a bias (it absorbs its share) and the rules above on ``o'``, the attention
+        over the other keys (computed by torch's attention with the sink masked, at ``g R / stab(o)``).
+        A threshold ``t`` in ``[0, 1)``:
         query rows whose attention weight on the sink (the first key the sequence attends to,
         :func:`~lxt_explicit.functional.sinks.sink_mass`) exceeds ``t`` get constant attention
         weights (CP-LRP: all of the row's relevance to the values); the other rows keep the

@@ -2,9 +2,10 @@
 
 Language models park attention that a head does not need on the first token of the sequence (the
 *attention sink*, Xiao et al., ICLR 2024); in such a row the softmax acts as a gate that mostly
-switches the head off.  :func:`sink_rows` finds these rows, so that the attention rule can treat
-their weights as constants (CP-LRP) and keep AttnLRP's softmax rule for the other rows; see
-:func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``.
+switches the head off.  The attention rule can treat the sink as that gate (``sinks='gate'``: the
+weight on the sink a constant, the sink's value a bias of the head, the paper's softmax rule on the
+other keys), or treat rows with much weight on the sink as constants (CP-LRP; :func:`sink_rows`);
+see :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MIX", "check_sinks", "mass_from_probs", "sink_index", "sink_mass", "sink_rows"]
+__all__ = ["GATE", "MIX", "check_sinks", "mass_from_probs", "sink_column", "sink_index", "sink_mass", "sink_rows"]
 
 
+#: The ``sinks`` setting that factors every row into a constant gate on the sink and a softmax over the other keys.
+GATE = "gate"
 #: The ``sinks`` setting that mixes the two rules in every row by the row's weight on the sink.
 MIX = "mix"
 
 
 def check_sinks(sinks) -> float | str | None:
-    """Validate the ``sinks`` option: ``None`` (the paper's rules), ``'mix'`` or a threshold in ``[0, 1)``."""
-    if sinks is None or sinks == MIX:
+    """Validate the ``sinks`` option: ``None`` (the paper's rules), ``'gate'``, ``'mix'`` or a number in ``[0, 1)``."""
+    if sinks is None or sinks in (GATE, MIX):
         return sinks
     if isinstance(sinks, bool) or not isinstance(sinks, (int, float)) or not 0.0 <= float(sinks) < 1.0:
         raise ValueError(
-            f"sinks must be None (AttnLRP as published), 'mix' (each row's weight on the sink decides its share "
-            f"of constant attention weights) or the attention mass on the sink, a number in [0, 1), above which a "
-            f"row's attention weights are constants; got {sinks!r}"
+            f"sinks must be None (AttnLRP as published), 'gate' (the weight on the sink a constant gate, the sink's "
+            f"value a bias, the softmax rule on the other keys), 'mix' (each row's weight on the sink decides its "
+            f"share of constant attention weights) or the attention mass on the sink, a number in [0, 1), above "
+            f"which a row's attention weights are constants; got {sinks!r}"
         )
     return float(sinks)
 
@@ -62,6 +66,16 @@ def _one_hot(index: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return one_hot
 
 
+def sink_column(attn_mask, like: torch.Tensor) -> torch.Tensor:
+    """1 at each row's sink key, else 0: ``(..., kv_heads | 1, 1, S)``, broadcasting to the scores of keys ``like``."""
+    index = sink_index(attn_mask, like.size(-2), like.device)
+    if index is None:
+        column = torch.zeros(like.size(-2), dtype=like.dtype, device=like.device)
+        column[0] = 1.0
+        return column
+    return _one_hot(index, like).unsqueeze(-2)
+
+
 def mass_from_probs(probs: torch.Tensor, attn_mask=None) -> torch.Tensor:
     """:func:`sink_mass` read off a written-out attention matrix ``probs`` ``(..., heads, L, S)``."""
     index = sink_index(attn_mask, probs.size(-1), probs.device)
@@ -70,10 +84,13 @@ def mass_from_probs(probs: torch.Tensor, attn_mask=None) -> torch.Tensor:
     return (probs * _one_hot(index, probs).unsqueeze(-2)).sum(-1)
 
 
-def sink_mass(q, k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+def sink_mass(q, k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+              complement: bool = False) -> torch.Tensor:
     """Attention weight of every query row on its sink key, ``(..., heads, L)``, without a score matrix.
 
     Computed by the attention itself with a one-hot value vector at the sink (torch's fused kernel).
+    ``complement=True``: the weight on all the other keys instead, summed without cancellation
+    (``1 - mass`` loses the digits of a row that is almost all sink).
     """
     key_len = k.size(-2)
     index = sink_index(attn_mask, key_len, q.device)
@@ -83,6 +100,8 @@ def sink_mass(q, k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=F
             value[..., 0, 0] = 1.0
         else:
             value = _one_hot(index, k).unsqueeze(-1).expand(*k.shape[:-1], 1)
+        if complement:
+            value = 1.0 - value
         mass = F.scaled_dot_product_attention(
             q.detach(), k.detach(), value.contiguous(), attn_mask=attn_mask, is_causal=is_causal,
             scale=scale if scale is not None else 1.0 / math.sqrt(q.size(-1)), enable_gqa=enable_gqa,

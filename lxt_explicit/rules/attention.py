@@ -56,9 +56,8 @@ class AttentionRule(Rule):
         Stabilizer of the denominators.
     cp : bool, optional
         No relevance through the attention weights (CP-LRP).
-    sinks : float, optional
-        ``None`` (AttnLRP as published) or a threshold in ``[0, 1)``: query rows whose attention
-        weight on the sink key exceeds it get constant attention weights (see
+    sinks : {None, 'gate', 'mix'} or float, optional
+        ``None`` (AttnLRP as published), ``'gate'``, ``'mix'`` or a threshold in ``[0, 1)`` (see
         :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``).
     """
 
