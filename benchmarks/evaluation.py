@@ -56,7 +56,9 @@ COMPONENTS = {"residual stream": "model.layers.{k}:input", "attention output": "
 METHODS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion",
            "attention_rollout", "random")
 ONE_PASS = ("attnlrp", "cp_lrp", "gradient", "input_x_gradient", "attention_rollout")
-ESTIMATE_LABELS = {"attnlrp": "relevance patching, AttnLRP", "cp_lrp": "relevance patching, CP-LRP",
+ESTIMATE_LABELS = {"attnlrp": "relevance patching, AttnLRP",
+                   "attnlrp_sinks": "relevance patching, AttnLRP with sinks='gate'",
+                   "cp_lrp": "relevance patching, CP-LRP",
                    "relp_rules": "relevance patching, RelP's rules",
                    "attribution_patching": "attribution patching (gradient)"}
 

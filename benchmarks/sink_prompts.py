@@ -8,6 +8,9 @@ next to a distractor of the same kind:
 * ``entities``: the entity-tracking sentences of :mod:`lxt_explicit.data.entity_tracking` (all 60);
 * ``induction``: a list of six words, then the list again up to a word: the next word is copied
   from the first list (every other word of the list is a distractor);
+* ``lookup``: a storage list of three labelled containers (``red jar: buttons``), then a sentence
+  that asks for one of them; the other two contents are the distractors.  Written after the
+  setting of ``attnlrp_sinks()`` was chosen on the other sets, as a held-out check;
 * agreement items come from :func:`lxt_explicit.evaluate.agreement_items`.
 """
 
@@ -91,6 +94,13 @@ WORDS = ("table", "river", "candle", "forest", "mirror", "garden", "window", "pe
          "orange", "pillow", "rabbit", "saddle", "ticket", "valley", "wallet", "yellow", "basket", "cotton")
 
 
+#: Containers, labels and contents of the lookup set.
+CONTAINERS = ("box", "jar", "bag", "crate", "basket", "drawer", "tin", "chest")
+LABELS = ("red", "blue", "green", "black", "white", "brown", "silver", "wooden")
+CONTENTS = ("apples", "pencils", "candles", "coins", "buttons", "letters", "stones", "shells", "spoons", "marbles",
+            "ribbons", "seeds", "nails", "stamps", "beads", "towels")
+
+
 @dataclass(frozen=True)
 class SinkItem:
     """One prompt: text before the answer, the answer word, where the answer occurs (a substring to locate)."""
@@ -131,4 +141,19 @@ def induction_items(count: int = 20, seed: int = 0) -> list[SinkItem]:
         cut = rng.randint(2, 4)
         text = f"List: {' '.join(words)}.\nSame list: {' '.join(words[:cut])}"
         items.append(SinkItem("induction", text, words[cut], f"List: {' '.join(words)}."))
+    return items
+
+
+def lookup_items(count: int = 24, seed: int = 0) -> list[SinkItem]:
+    """Three labelled containers and their contents, then ``The <label> <container> holds`` (held out)."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(count):
+        container = rng.choice(CONTAINERS)
+        labels, contents = rng.sample(LABELS, 3), rng.sample(CONTENTS, 3)
+        asked = rng.randrange(3)
+        lines = "".join(f"{label} {container}: {content}\n" for label, content in zip(labels, contents))
+        table = f"Storage list:\n{lines}"
+        text = f"{table}\nThe {labels[asked]} {container} holds"
+        items.append(SinkItem("lookup", text, contents[asked], lines))
     return items

@@ -1,8 +1,9 @@
 """Attention sinks: AttnLRP as published against ``attnlrp(sinks=...)`` (the sink as a gate, or sink rows as constants).
 
-On SmolLM2-135M-Instruct and Gemma-3-270m (base), on four prompt sets (``sink_prompts.py``:
-reading comprehension with a distractor, entity tracking, induction/copying; subject-verb agreement
-from :mod:`lxt_explicit.evaluate.agreement`), for the items the model answers correctly:
+On SmolLM2-135M-Instruct and Gemma-3-270m (base), on five prompt sets (``sink_prompts.py``:
+reading comprehension with a distractor, entity tracking, induction/copying, a held-out lookup set
+written after the setting was chosen; subject-verb agreement from
+:mod:`lxt_explicit.evaluate.agreement`), for the items the model answers correctly:
 
 * plausibility: is the answer word's occurrence in the prompt the most relevant token (top-1), and
   its reciprocal rank; for agreement, the evaluate module's MRR and pointing accuracy of the subject;
@@ -41,7 +42,7 @@ from lxt_explicit import attnlrp, cp_lrp, evaluate  # noqa: E402
 from lxt_explicit.diagnostics import RelevanceTrace  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
 
-SETS = ("reading", "entities", "induction", "agreement")
+SETS = ("reading", "entities", "induction", "lookup", "agreement")
 MODELS = ("smollm2", "gemma3")
 LABELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270m (base)",
           "smoke": "synthetic Llama 'tiny' (random weights) with SmolLM2's tokenizer"}
@@ -81,6 +82,8 @@ def items_of(kind: str, model_name: str, tokenizer, limit: int | None):
         items = sink_prompts.reading_items("base" if model_name == "gemma3" else "instruct", tokenizer)
     elif kind == "entities":
         items = sink_prompts.entity_items()
+    elif kind == "lookup":
+        items = sink_prompts.lookup_items()
     else:
         items = sink_prompts.induction_items()
     return items, limit

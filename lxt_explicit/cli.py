@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+#: The ``--method`` choices: the keys of :data:`lxt_explicit.explain.METHODS` (not imported here: no torch at startup).
+METHOD_NAMES = ("attnlrp", "attnlrp_sinks", "cp_lrp")
+
 __all__ = ["UsageError", "main"]
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -67,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--question", help="the question about the document (default: the demo's question)")
     explain.add_argument("--target", help="explain this continuation text instead of the model's own answer")
     explain.add_argument("--model", type=Path, help=f"a local Hugging Face model folder (default: {DEFAULT_MODEL})")
-    explain.add_argument("--method", choices=("attnlrp", "cp_lrp"), default="attnlrp")
+    explain.add_argument("--method", choices=METHOD_NAMES, default="attnlrp",
+                         help="attnlrp: the paper's rules; attnlrp_sinks: with the attention-sink gate; cp_lrp")
     explain.add_argument("--dtype", choices=DTYPES, default="float32")
     explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     explain.add_argument("--max-new-tokens", type=_positive, default=40, help="length limit of the generated answer")
@@ -79,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="list every operation on a model's relevance path and its rule")
     audit.add_argument("--model", type=Path, help=f"a local Hugging Face model folder (default: {DEFAULT_MODEL})")
-    audit.add_argument("--method", choices=("attnlrp", "cp_lrp"), default="attnlrp")
+    audit.add_argument("--method", choices=METHOD_NAMES, default="attnlrp")
     audit.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     audit.add_argument("--text", default="The capital of France is", help="example input")
 
@@ -336,7 +340,7 @@ def _run_audit(args) -> int:
     import torch
 
     from .diagnostics import audit
-    from .presets import attnlrp, cp_lrp
+    from .explain import METHODS
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _check_not_empty(text=args.text)
@@ -345,7 +349,7 @@ def _run_audit(args) -> int:
     inputs = tokenizer(args.text, return_tensors="pt").to(args.device)
     if inputs["input_ids"].shape[1] == 0:
         raise UsageError(f"--text {args.text!r} gives no tokens; give an example input the tokenizer keeps")
-    composite = (attnlrp if args.method == "attnlrp" else cp_lrp)()
+    composite = METHODS[args.method]()
     report = audit(model, composite, input_ids=inputs["input_ids"], use_cache=False)
     print(report)
     return 1 if report.unhandled else 0

@@ -28,7 +28,7 @@ def add_parser(commands, *, positive, dtypes, default_model: str) -> None:
     command.add_argument("--output", type=Path, required=True, metavar="OUTPUT.jsonl",
                          help="output rows (continued if it exists: rows already there are skipped)")
     command.add_argument("--model", type=Path, help=f"a local Hugging Face model folder (default: {default_model})")
-    command.add_argument("--method", choices=("attnlrp", "cp_lrp"), default="attnlrp")
+    command.add_argument("--method", choices=("attnlrp", "attnlrp_sinks", "cp_lrp"), default="attnlrp")
     command.add_argument("--dtype", choices=dtypes, default="float32")
     command.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu; under accelerate launch: the "
                                           "process's device)")

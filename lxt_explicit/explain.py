@@ -33,7 +33,7 @@ from .composite import Composite
 from .explanation import Explanation
 from .explanation_io import model_description
 from .latent import LatentRecorder, check_latent_specs, latent_modules
-from .presets import attnlrp, cp_lrp
+from .presets import attnlrp, attnlrp_sinks, cp_lrp
 from .prompts import STOPS, answer_length, check_prompts, encode, eos_ids, generate_greedy, prompt_text, token_texts
 from .stabilizer import DEFAULT_EPSILON
 from .targets import embedding_name, needed_logits, select_targets, token_id, vocabulary_size
@@ -41,7 +41,7 @@ from .targets import embedding_name, needed_logits, select_targets, token_id, vo
 __all__ = ["Explanation", "explain", "latent_modules"]
 
 #: The rule sets ``method=`` selects.
-METHODS = MappingProxyType({"attnlrp": attnlrp, "cp_lrp": cp_lrp})
+METHODS = MappingProxyType({"attnlrp": attnlrp, "attnlrp_sinks": attnlrp_sinks, "cp_lrp": cp_lrp})
 
 
 def explain(
@@ -101,8 +101,9 @@ def explain(
         start the assistant's turn; the tokenizer must have a chat template.
     prefill : str
         Text appended after the prompt (after the template's assistant header with ``chat=True``).
-    method : {'attnlrp', 'cp_lrp'}
-        Rules to use (ignored if ``composite`` is given).
+    method : {'attnlrp', 'attnlrp_sinks', 'cp_lrp'}
+        Rules to use (ignored if ``composite`` is given): :func:`~lxt_explicit.attnlrp`,
+        :func:`~lxt_explicit.attnlrp_sinks` or :func:`~lxt_explicit.cp_lrp`.
     epsilon : float
         Stabilizer of the rules (ignored if ``composite`` is given).
     latent : sequence of str

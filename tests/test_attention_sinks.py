@@ -371,8 +371,8 @@ def test_sinks_benchmark_smoke(tmp_path):
     results = json.loads((tmp_path / "sinks.json").read_text())
     assert results["command"].startswith("python benchmarks/sinks.py") and results["environment"]["commit"]
     model = results["models"]["smoke"]
-    assert {"reading", "entities", "induction", "agreement"} == set(model["sets"])
-    for kind in ("reading", "entities", "induction"):
+    assert {"reading", "entities", "induction", "lookup", "agreement"} == set(model["sets"])
+    for kind in ("reading", "entities", "induction", "lookup"):
         plausibility = model["sets"][kind]["plausibility"]
         assert set(plausibility) == {"attnlrp", "sinks gate", "sinks mix", "cp_lrp", "input_x_gradient"}
         assert all(entry["items"] == 2 for entry in plausibility.values())

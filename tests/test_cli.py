@@ -37,6 +37,19 @@ def test_explain_a_prompt_with_a_model_folder(tiny_folder, tmp_path, capsys):
     assert "<span" in (tmp_path / "explanation.html").read_text()
 
 
+def test_explain_with_the_sink_preset(tiny_folder, tmp_path):
+    relevance = {}
+    for method in ("attnlrp", "attnlrp_sinks"):
+        code = main(["explain", "--model", str(tiny_folder), "--prompt", "the capital of france is", "--target",
+                     " paris", "--output", str(tmp_path / method), "--method", method, "--no-png"])
+        assert code == 0
+        data = json.loads((tmp_path / method / "explanation.json").read_text())
+        assert data["method"] == method
+        relevance[method] = data["relevance"]
+    # the first token is the sink: the gate gives it nothing (a bias), the paper's rules do not
+    assert relevance["attnlrp_sinks"][0] == 0.0 and relevance["attnlrp"][0] != 0.0
+
+
 def test_explain_a_given_target_about_a_context(tiny_folder, tmp_path):
     context = tmp_path / "context.txt"
     context.write_text("ingrid named the lake after her mother .")
@@ -233,3 +246,16 @@ def test_default_command_explains_the_demo_answer(tmp_path, capsys):
     assert "Solve" in top or "ig" in top
     assert (tmp_path / "explanation.png").stat().st_size > 10000
     assert (tmp_path / "explanation.html").read_text().count("<span") > 100
+
+
+def test_method_choices_are_the_presets_of_explain():
+    import argparse
+
+    from lxt_explicit.cli import _parser
+    from lxt_explicit.explain import METHODS
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    with_method = {name: next(a.choices for a in sub._actions if a.dest == "method")
+                   for name, sub in commands.items() if any(a.dest == "method" for a in sub._actions)}
+    assert set(with_method) >= {"explain", "audit", "explain-dataset"}
+    assert all(set(choices) == set(METHODS) for choices in with_method.values()), with_method

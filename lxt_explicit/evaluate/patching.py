@@ -59,7 +59,7 @@ from torch import nn
 
 from ..composite import Composite
 from ..latent import latent_modules
-from ..presets import attnlrp, cp_lrp
+from ..presets import attnlrp, attnlrp_sinks, cp_lrp
 from ..rules import TaylorDecompositionRule
 from ..stabilizer import DEFAULT_EPSILON
 from .perturbation import cache_arguments, prefix_cache
@@ -342,6 +342,7 @@ def relp_rules(*, epsilon: float = DEFAULT_EPSILON) -> Composite:
 #: The estimates :func:`patching_scores` computes by default: ``estimate(model, specs, prompt) -> {spec: [units]}``.
 ESTIMATES = MappingProxyType({
     "attnlrp": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=attnlrp()),
+    "attnlrp_sinks": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=attnlrp_sinks()),
     "cp_lrp": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=cp_lrp()),
     "relp_rules": lambda model, specs, prompt: relevance_patching(model, specs, prompt, composite=relp_rules()),
     "attribution_patching": attribution_patching,
