@@ -8,8 +8,8 @@ next to a distractor of the same kind:
 * ``entities``: the entity-tracking sentences of :mod:`lxt_explicit.data.entity_tracking` (all 60);
 * ``induction``: a list of six words, then the list again up to a word: the next word is copied
   from the first list (every other word of the list is a distractor);
-* ``lookup``: a storage list of three labelled containers (``red jar: buttons``), then a sentence
-  that asks for one of them; the other two contents are the distractors.  Written after the
+* ``lookup``: a storage list of three labelled containers (``red jar: buttons``), a question about
+  one line answered, then the question about another; the other two contents are the distractors.  Written after the
   setting of ``attnlrp_sinks()`` was chosen on the other sets, as a held-out check;
 * agreement items come from :func:`lxt_explicit.evaluate.agreement_items`.
 """
@@ -144,16 +144,16 @@ def induction_items(count: int = 20, seed: int = 0) -> list[SinkItem]:
     return items
 
 
-def lookup_items(count: int = 24, seed: int = 0) -> list[SinkItem]:
-    """Three labelled containers and their contents, then ``The <label> <container> holds`` (held out)."""
+def lookup_items(count: int = 32, seed: int = 0) -> list[SinkItem]:
+    """Three labelled containers and their contents, one question answered about another line, then the asked one."""
     rng = random.Random(seed)
     items = []
     for _ in range(count):
         container = rng.choice(CONTAINERS)
         labels, contents = rng.sample(LABELS, 3), rng.sample(CONTENTS, 3)
-        asked = rng.randrange(3)
+        asked, shown = rng.sample(range(3), 2)
         lines = "".join(f"{label} {container}: {content}\n" for label, content in zip(labels, contents))
-        table = f"Storage list:\n{lines}"
-        text = f"{table}\nThe {labels[asked]} {container} holds"
+        text = (f"Storage list:\n{lines}\nQ: What is in the {labels[shown]} {container}?\nA: {contents[shown]}\n"
+                f"Q: What is in the {labels[asked]} {container}?\nA:")
         items.append(SinkItem("lookup", text, contents[asked], lines))
     return items
