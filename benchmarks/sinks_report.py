@@ -129,7 +129,10 @@ def write_markdown(results: dict, path: Path) -> None:
 
 def merge(parts: list[dict]) -> dict:
     """One result from runs of single models and sets (run side by side to save wall time)."""
-    merged = {"command": " && ".join(p["command"] for p in parts), "environment": parts[0]["environment"],
+    environment = dict(parts[0]["environment"])
+    for key in ("commit", "uncommitted_changes"):  # every run's, in order, once each
+        environment[key] = ", ".join(dict.fromkeys(str(p["environment"][key]) for p in parts))
+    merged = {"command": " && ".join(p["command"] for p in parts), "environment": environment,
               "settings": {k: v for k, v in parts[0]["settings"].items() if k in ("steps", "batch", "bootstrap")},
               "models": {}}
     for part in parts:
