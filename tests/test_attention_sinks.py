@@ -379,3 +379,36 @@ def test_sinks_benchmark_smoke(tmp_path):
         assert all(math.isfinite(entry["sum_over_logit"]) for entry in plausibility.values())
     assert len(model["trace"]["sinks gate"]["absorbed_per_layer"]) == 2
     assert (tmp_path / "sinks.md").read_text() == report(results)
+
+
+@pytest.mark.parametrize("case", ["gqa_causal", "left_padded_bool", "bias_mask"])
+def test_gate_paths_agree_with_the_reference(case):
+    """The fused (torch's attention with the sink masked) and blocked gate passes equal the full score matrix."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 7, 5, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 2 if case == "gqa_causal" else 4, 7, 5, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    k[..., 0, 0] += 3.0  # a sink at key 0
+    relevance = torch.randn(2, 4, 7, 5, generator=generator, dtype=torch.float64)
+    relevance[1, :, :2] = 0.0  # the padded rows of the second prompt explain nothing
+    options = {"is_causal": True, "enable_gqa": True} if case == "gqa_causal" else {}
+    mask = None
+    if case != "gqa_causal":
+        allowed = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+        allowed[1, ..., :2] = False  # the second prompt left-padded by two: its sink is key 2
+        allowed[1, :, :2, :] = torch.eye(7, dtype=torch.bool)[:2]  # padded rows attend to themselves
+        mask = allowed
+        if case == "bias_mask":  # a bias on the scores: the blocked pass
+            mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64).masked_fill_(~allowed, -math.inf)
+            mask = mask + 0.3 * torch.randn(2, 1, 7, 7, generator=generator, dtype=torch.float64) * allowed
+        options = {"attn_mask": mask}
+    reference_options = {key: value for key, value in options.items() if key != "enable_gqa"}
+    expected = lf.attention_relevance(q, k, v, relevance, epsilon=1e-300, sinks="gate", **reference_options)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = lf.scaled_dot_product_attention(*leaves, epsilon=1e-300, sinks="gate", **options)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **options), rtol=0, atol=0)
+    out.backward(relevance)
+    for leaf, want in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-9, atol=1e-12)
+    if mask is not None:  # the second prompt's padding and its sink (key 2, a bias): no value relevance
+        assert float(leaves[2].grad[1, :, :3].abs().sum()) == 0.0 and float(leaves[2].grad[1, :, 3:].abs().sum()) > 0
