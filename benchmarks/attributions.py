@@ -70,6 +70,7 @@ LABELS = {
     "gradient": "gradient",
     "attnlrp": "AttnLRP",
     "cp_lrp": "CP-LRP",
+    "attnlrp_sinks": "AttnLRP, sinks='gate'",
     "attnlrp_all_logits": "AttnLRP, logits of all positions",
     "explain": "explain()",
     "input_x_gradient": "Input x Gradient",
@@ -87,6 +88,7 @@ COLORS = {
     "gradient": "#1f77b4",
     "attnlrp": "#d62728",
     "cp_lrp": "#ff7f0e",
+    "attnlrp_sinks": "#e7969c",
     "attnlrp_all_logits": "#8b0000",
     "explain": "#bcbd22",
     "input_x_gradient": "#2ca02c",
@@ -286,6 +288,8 @@ def _attribute(method, model, input_ids, token, settings, positions, baseline, s
         return lrp(model, input_ids, token, lxt.attnlrp)
     if method == "cp_lrp":
         return lrp(model, input_ids, token, lxt.cp_lrp)
+    if method == "attnlrp_sinks":
+        return lrp(model, input_ids, token, lxt.attnlrp_sinks)
     if method == "attnlrp_all_logits":
         return lrp(model, input_ids, token, lxt.attnlrp, all_logits=True)
     if method == "gradient":

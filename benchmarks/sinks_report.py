@@ -105,7 +105,8 @@ def report(results: dict) -> str:
              "exceeds `t` are constant, the others keep the softmax rule. Only items the "
              "model answers correctly are scored. *Answer first*: the answer word's occurrence is the most relevant "
              "token of its region of the prompt (the context sentence, the sentence with the facts, the first "
-             "list, the storage list), so the distractor and the other context words compete with it; MRR likewise. ABPC: tokens "
+             "list, the storage list), so the distractor and the other context words compete with it; MRR "
+             "likewise. ABPC: tokens "
              "removed in "
              f"{results['settings']['steps']} steps (embeddings set to zero), every token ranked, mean [95 % "
              "bootstrap interval], paired difference to AttnLRP (paper).", ""]

@@ -61,8 +61,9 @@ from attributions import COLORS, LABELS, Settings  # noqa: E402
 SINGLE_PASS = ("forward", "gradient", "attnlrp", "cp_lrp", "input_x_gradient", "attention_rollout")
 MULTI_PASS = ("integrated_gradients", "smoothgrad", "occlusion")
 #: Methods timed on request only: the library's ``explain()`` end to end (it reads text: the random ids are
-#: written as words of :func:`common.word_tokenizer`) and AttnLRP with the logits of every position.
-EXTRA = ("explain", "attnlrp_all_logits")
+#: written as words of :func:`common.word_tokenizer`), AttnLRP with the logits of every position, and
+#: ``attnlrp_sinks()`` (the attention-sink gate; ``--name speed_sinks``, :data:`SINKS_COMMAND`).
+EXTRA = ("explain", "attnlrp_all_logits", "attnlrp_sinks")
 DEFAULT_METHODS = SINGLE_PASS + ("integrated_gradients", "occlusion")
 DEFAULT_MODELS = ("smollm2:128,512,1024,2048", "medium:128,512")
 #: The large-vocabulary comparison (``--name speed_large_vocabulary``): what ``explain()`` costs on a
@@ -70,6 +71,9 @@ DEFAULT_MODELS = ("smollm2:128,512,1024,2048", "medium:128,512")
 #: The mixture-of-experts comparison (``--name speed_moe``): fused experts at 512 tokens.
 MIXTURE_OF_EXPERTS_COMMAND = (
     f"--models {common.MIXTURE_OF_EXPERTS}:512 --methods forward gradient attnlrp cp_lrp --repeats 5 --name speed_moe"
+)
+SINKS_COMMAND = (
+    "--models smollm2:128,512,1024 --methods forward gradient attnlrp attnlrp_sinks cp_lrp --name speed_sinks"
 )
 LARGE_VOCABULARY_COMMAND = (
     f"--models {common.LARGE_VOCABULARY}:128,512 --methods forward gradient attnlrp attnlrp_all_logits explain "
