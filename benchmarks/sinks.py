@@ -1,5 +1,9 @@
 """Attention sinks: AttnLRP as published against ``attnlrp(sinks=...)`` (the sink as a gate, or sink rows as constants).
 
+``sinks='bos'`` (the default of ``attnlrp_sinks``) is the gate where the prompt starts with the
+model's BOS token (Gemma's tokenizer adds ``<bos>``; SmolLM2's chat template starts with
+``<|im_start|>``, its BOS id) and the paper's rules where it starts with a word (SmolLM2 on plain text).
+
 On SmolLM2-135M-Instruct and Gemma-3-270m (base), on five prompt sets (``sink_prompts.py``:
 reading comprehension with a distractor, entity tracking, induction/copying, a held-out lookup set
 written after the setting was chosen; subject-verb agreement from
@@ -219,15 +223,15 @@ def run_model(name, args, log) -> dict:
 
 
 def threshold(text: str):
-    return text if text in ("gate", "mix") else float(text)
+    return text if text in ("bos", "gate", "mix") else float(text)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ("smoke",))
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--thresholds", nargs="+", type=threshold, default=["gate", "mix"],
-                        help="settings of attnlrp(sinks=...): 'gate', 'mix' or thresholds")
+    parser.add_argument("--thresholds", nargs="+", type=threshold, default=["bos", "gate", "mix"],
+                        help="settings of attnlrp(sinks=...): 'bos', 'gate', 'mix' or thresholds")
     parser.add_argument("--items", type=int, default=0, help="correctly answered items per set (0: all)")
     parser.add_argument("--agreement-items", type=int, default=4, help="agreement items per template")
     parser.add_argument("--trace-items", type=int, default=2)

@@ -96,7 +96,11 @@ def report(results: dict) -> str:
              *([f"Merged with: `{results['merged_with']}`  "] if results.get("merged_with") else []),
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
              "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".", "",
-             "`AttnLRP, sinks=gate` is `lxt_explicit.attnlrp(sinks='gate')` (= `lxt_explicit.attnlrp_sinks()`): "
+             "`AttnLRP, sinks=bos` is `lxt_explicit.attnlrp(sinks='bos')` (= `lxt_explicit.attnlrp_sinks()`): the "
+             "gate below where the prompt starts with the model's beginning-of-sequence token (Gemma: `<bos>`; "
+             "SmolLM2: `<|im_start|>`, which its chat template puts first, so on SmolLM2 only the reading prompts), "
+             "the paper's rules where it starts with a word. "
+             "`AttnLRP, sinks=gate` is `lxt_explicit.attnlrp(sinks='gate')`: "
              "every attention row is `o = s_z v_z + (1 - s_z) o'` with `s_z` its weight on the sink (the first token) "
              "and `o'` the attention over the other tokens; the gate `1 - s_z` is a constant, `s_z v_z` a bias, and "
              "the paper's rules apply to `o'`. `AttnLRP, sinks=mix` (`attnlrp(sinks='mix')`): every query row's "

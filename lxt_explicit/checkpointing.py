@@ -35,7 +35,7 @@ class TransformersCheckpointing:
 
     @staticmethod
     def _router_for(name: str, registration):
-        def route_recomputation(module):
+        def route_recomputation(module, args, kwargs):
             checkpoint = module.__dict__.get(_ATTRIBUTE)
             if checkpoint is None or getattr(checkpoint, "__lxt_routed__", False):
                 return

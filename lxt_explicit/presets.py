@@ -11,7 +11,6 @@ layer norm, ...).
 
 from __future__ import annotations
 
-import warnings
 
 from torch import nn
 
@@ -36,6 +35,7 @@ from .rules import (
     UniformRule,
 )
 from .stabilizer import DEFAULT_EPSILON, check_epsilon
+from .sink_extensions import BosSink, EagerAttentionWarning
 from .state_space import StateSpaceMixers
 
 __all__ = [
@@ -277,8 +277,8 @@ def _in_front(extra: dict | None, layer_map: dict) -> dict:
 
 
 #: The recommended attention-sink setting of :func:`attnlrp_sinks` (chosen on two models and four
-#: prompt sets, ``benchmarks/results/sinks.md``): the sink as a constant gate and a bias of the head.
-SINKS: str = "gate"
+#: prompt sets, ``benchmarks/results/sinks.md``): the sink gate where the first token is the BOS token.
+SINKS: str = "bos"
 
 
 def attnlrp(
@@ -299,7 +299,10 @@ def attnlrp(
     ``o = s_z v_z + (1 - s_z) o'``, with ``s_z`` its weight on the sink key and ``o'`` the attention
     over the other keys: the gate ``1 - s_z`` is a constant (as LXT's CP-LRP treats gates), the
     sink's value ``s_z v_z`` is the head's bias, and the paper's rules apply to ``o'`` unchanged (a
-    row without weight on the sink gets the paper's rule).  ``sinks='mix'`` splits every row's
+    row without weight on the sink gets the paper's rule).  ``sinks='bos'`` applies the gate where
+    the sequences start with the model's beginning-of-sequence token, whose keys and values are then
+    constants of a causal model, and the paper's rules where the first token is a word of the text
+    (:class:`~lxt_explicit.sink_extensions.BosSink`).  ``sinks='mix'`` splits every row's
     relevance instead: the share ``s_z`` with constant attention weights (CP-LRP), the rest with the
     softmax rule; ``sinks=t`` (a number) treats the rows with ``s_z > t`` as constants.  These deviate
     from the paper and from LXT (which apply the softmax rule to the whole row) because the softmax
@@ -321,10 +324,12 @@ def attnlrp(
         a normalization class the preset does not know).
     ops : dict, optional
         Op rules that replace or extend the preset's (e.g. ``{torch.cumsum: EpsilonRule()}``).
-    sinks : {None, 'gate', 'mix'} or float, optional
+    sinks : {None, 'gate', 'bos', 'mix'} or float, optional
         ``None``: AttnLRP as published.  ``'gate'``: the weight on the sink key (the first key the
         sequence attends to) a constant gate, the sink's value a bias, the softmax rule on the other
-        keys.  ``'mix'``: each query row's relevance split by its attention weight on the sink key.
+        keys.  ``'bos'``: ``'gate'`` in forward passes whose sequences start with the BOS token
+        (``config.bos_token_id``; causal models called with ``input_ids``), ``None`` in the others.
+        ``'mix'`: each query row's relevance split by its attention weight on the sink key.
         A threshold in ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention
         weights.  Applies
         to ``F.scaled_dot_product_attention`` (the
@@ -351,16 +356,18 @@ def attnlrp_sinks(
 ) -> Composite:
     """AttnLRP with attention-sink handling: ``attnlrp(sinks=threshold)`` with the recommended setting.
 
-    The setting ``'gate'`` (see :func:`attnlrp`) ranked the answer word first in at least as many
-    correctly answered items as the paper's rules on both models measured, and in far more where
-    the sink absorbs the relevance (Gemma-3-270m); numbers and commands in
+    The setting ``'bos'`` (see :func:`attnlrp`) gates the sink where it is the beginning-of-sequence
+    token: on Gemma-3-270m, whose tokenizer adds it and where the sink absorbs the relevance, the
+    answer word ranked first in far more correctly answered items than with the paper's rules; where
+    the first token is a word (SmolLM2 on plain text) the rules are the paper's, whose answer-first
+    rate and faithfulness the gate did not improve there.  Numbers and commands in
     ``benchmarks/results/sinks.md``, the math in ``docs/attention_sinks.md``.  ``attnlrp()`` stays
     the paper's rules.
 
     Parameters
     ----------
-    threshold : {'gate', 'mix'} or float, optional
-        ``'gate'`` (default), ``'mix'`` or the attention weight on the sink above which a query row's
+    threshold : {'bos', 'gate', 'mix'} or float, optional
+        ``'bos'`` (default), ``'gate'``, ``'mix'`` or the attention weight on the sink above which a query row's
         weights are constants (see :func:`attnlrp`).
     epsilon, relevance_sources, strict, layer_map, ops
         As in :func:`attnlrp`.
@@ -408,32 +415,11 @@ def cp_lrp(
     return _preset(op_rules(epsilon=epsilon, cp=True, gates=gates), True, relevance_sources, strict, layer_map, ops)
 
 
-class _EagerAttentionWarning:
-    """Composite extension: warn at registration when ``sinks`` is set but the model uses eager attention."""
-
-    changes_model = False
-
-    def register(self, model: nn.Module, registration) -> dict:
-        config = getattr(model, "config", None)
-        if getattr(config, "_attn_implementation", None) == "eager":
-            warnings.warn(
-                "attnlrp(sinks=...) handles attention sinks in F.scaled_dot_product_attention; this model uses eager "
-                "attention (torch.softmax then matmul), which keeps the paper's softmax rule. Load the model with "
-                "attn_implementation='sdpa' (or set model.config._attn_implementation = 'sdpa').",
-                UserWarning,
-                stacklevel=3,
-            )
-        return {}
-
-    def __repr__(self) -> str:
-        return "EagerAttentionWarning()"
-
-
 def _preset(rules, cp, relevance_sources, strict, layer_map, ops) -> Composite:
     modules = transformer_layer_map(relevance_sources=relevance_sources, constant_routers=cp)
     extensions = [TransformersCheckpointing(), StateSpaceMixers()]
     if getattr(rules["attention"], "sinks", None) is not None:
-        extensions.append(_EagerAttentionWarning())
+        extensions += [EagerAttentionWarning(), BosSink()]
     return Composite(
         _in_front(layer_map, modules),
         ops={**rules, **(ops or {})},

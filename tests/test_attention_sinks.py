@@ -180,7 +180,9 @@ def explain_tiny(model, inputs, composite):
 
 @pytest.fixture(scope="module")
 def tiny_gemma():
-    return tm.build("gemma3", attn="sdpa"), tm.inputs("gemma3", length=9)
+    model, inputs = tm.build("gemma3", attn="sdpa"), tm.inputs("gemma3", length=9)
+    inputs["input_ids"][:, 0] = model.config.bos_token_id  # as Gemma's tokenizer writes every text
+    return model, inputs
 
 
 @pytest.mark.parametrize("threshold", [0.3, "mix", "gate"])
@@ -374,7 +376,7 @@ def test_sinks_benchmark_smoke(tmp_path):
     assert {"reading", "entities", "induction", "lookup", "agreement"} == set(model["sets"])
     for kind in ("reading", "entities", "induction", "lookup"):
         plausibility = model["sets"][kind]["plausibility"]
-        assert set(plausibility) == {"attnlrp", "sinks gate", "sinks mix", "cp_lrp", "input_x_gradient"}
+        assert set(plausibility) == {"attnlrp", "sinks bos", "sinks gate", "sinks mix", "cp_lrp", "input_x_gradient"}
         assert all(entry["items"] == 2 for entry in plausibility.values())
         assert all(math.isfinite(entry["sum_over_logit"]) for entry in plausibility.values())
     assert len(model["trace"]["sinks gate"]["absorbed_per_layer"]) == 2

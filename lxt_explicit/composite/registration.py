@@ -102,7 +102,7 @@ class Registration:
             module.__dict__[name] = previous
 
     def before_call(self, module: nn.Module, callback) -> None:
-        """Call ``callback(module)`` whenever ``module`` is called while registered (for extensions)."""
+        """Call ``callback(module, args, kwargs)`` whenever ``module`` is called while registered (for extensions)."""
         self.calls.setdefault(id(module), []).append(callback)
 
     def freeze(self, model: nn.Module) -> None:

@@ -181,8 +181,8 @@ class Router:
     def wrapper(self, name: str, module, original: Callable, rule, callbacks=()) -> Callable:
         """The instance-level ``forward`` of ``module``: track the module, apply its rule.
 
-        ``original`` is the forward it replaces; ``callbacks`` are called with the module first
-        (see ``Registration.before_call``).
+        ``original`` is the forward it replaces; ``callbacks`` are called with the module and the
+        call's arguments first (see ``Registration.before_call``).
         """
         state = self.state
         is_root = module is self.events.model
@@ -190,7 +190,7 @@ class Router:
         @functools.wraps(original)
         def forward(*args, **kwargs):
             for callback in callbacks:
-                callback(module)
+                callback(module, args, kwargs)
             if not state.active:
                 return self.enter(forward, is_root, args, kwargs)
             state.stack.append(name)

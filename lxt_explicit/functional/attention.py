@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon, sign_shift, stabilize, stabilized_quotient
 from .shapes import compute_dtype, sum_to_shape
-from .sinks import GATE, check_sinks, mass_from_probs, sink_column, sink_mass, sink_rows
+from .sinks import BOS, GATE, check_sinks, mass_from_probs, sink_column, sink_mass, sink_rows
 
 __all__ = ["scaled_dot_product_attention", "attention_relevance", "blocked_attention_relevance", "mask_is_pure"]
 
@@ -428,6 +428,11 @@ def scaled_dot_product_attention(
         )
     if q.size(-3) % k.size(-3) != 0:
         raise ValueError(f"query heads ({q.size(-3)}) must be a multiple of key/value heads ({k.size(-3)})")
+    if sinks == BOS:
+        raise ValueError(
+            "sinks='bos' is a setting of AttentionRule and the presets, which read the input ids of the forward "
+            "pass; the functional attention takes sinks='gate' (the first token as a sink) or sinks=None"
+        )
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fused = tracked and (mask_is_pure(attn_mask) if mask_is_bias_free is None else bool(mask_is_bias_free))
     return _Attention.apply(

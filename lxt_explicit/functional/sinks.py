@@ -15,23 +15,27 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GATE", "MIX", "check_sinks", "mass_from_probs", "sink_column", "sink_index", "sink_mass", "sink_rows"]
+__all__ = ["BOS", "GATE", "MIX", "check_sinks", "mass_from_probs", "sink_column", "sink_index", "sink_mass", "sink_rows"]
 
 
 #: The ``sinks`` setting that factors every row into a constant gate on the sink and a softmax over the other keys.
 GATE = "gate"
+#: The ``sinks`` setting that applies :data:`GATE` where the sink is the model's beginning-of-sequence token (a
+#: constant of the model, not part of the text) and the paper's rules where it is a token of the text.
+BOS = "bos"
 #: The ``sinks`` setting that mixes the two rules in every row by the row's weight on the sink.
 MIX = "mix"
 
 
 def check_sinks(sinks) -> float | str | None:
-    """Validate the ``sinks`` option: ``None`` (the paper's rules), ``'gate'``, ``'mix'`` or a number in ``[0, 1)``."""
-    if sinks is None or sinks in (GATE, MIX):
+    """Validate ``sinks``: ``None`` (the paper's rules), ``'gate'``, ``'bos'``, ``'mix'`` or a number in ``[0, 1)``."""
+    if sinks is None or sinks in (GATE, BOS, MIX):
         return sinks
     if isinstance(sinks, bool) or not isinstance(sinks, (int, float)) or not 0.0 <= float(sinks) < 1.0:
         raise ValueError(
             f"sinks must be None (AttnLRP as published), 'gate' (the weight on the sink a constant gate, the sink's "
-            f"value a bias, the softmax rule on the other keys), 'mix' (each row's weight on the sink decides its "
+            f"value a bias, the softmax rule on the other keys), 'bos' ('gate' where the first token is the beginning-of-"
+            f"sequence token, the paper's rules elsewhere), 'mix' (each row's weight on the sink decides its "
             f"share of constant attention weights) or the attention mass on the sink, a number in [0, 1), above "
             f"which a row's attention weights are constants; got {sinks!r}"
         )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 
 from .. import functional as lf
-from ..functional.sinks import check_sinks
+from ..functional.sinks import BOS, GATE, check_sinks
 from ..ops import argument
 from ..stabilizer import DEFAULT_EPSILON, check_epsilon
 from .base import Rule, RuleDeclined, describe
@@ -56,9 +57,12 @@ class AttentionRule(Rule):
         Stabilizer of the denominators.
     cp : bool, optional
         No relevance through the attention weights (CP-LRP).
-    sinks : {None, 'gate', 'mix'} or float, optional
+    sinks : {None, 'gate', 'bos', 'mix'} or float, optional
         ``None`` (AttnLRP as published), ``'gate'``, ``'mix'`` or a threshold in ``[0, 1)`` (see
         :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``).
+        ``'bos'``: ``'gate'`` in the forward passes whose first token is the beginning-of-sequence
+        token, ``None`` in the others; the registered model tells the rule which it is
+        (:meth:`first_token_is_bos`, called by :class:`~lxt_explicit.bos_sink.BosSink`).
     """
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
@@ -66,6 +70,7 @@ class AttentionRule(Rule):
         self.cp = bool(cp)
         self.sinks = check_sinks(sinks)
         self._purity = _MaskPurity()
+        self._first_token = threading.local()
 
     def options(self):
         options = {"epsilon": self.epsilon, "cp": self.cp}
@@ -75,6 +80,23 @@ class AttentionRule(Rule):
 
     def copy(self) -> "AttentionRule":
         return type(self)(epsilon=self.epsilon, cp=self.cp, sinks=self.sinks)
+
+    def first_token_is_bos(self, value: bool | None) -> None:
+        """For ``sinks='bos'``: whether the calling thread's forward pass starts with the BOS token (``None``: unknown)."""
+        self._first_token.is_bos = value
+
+    def _resolved_sinks(self):
+        if self.sinks != BOS:
+            return self.sinks
+        is_bos = getattr(self._first_token, "is_bos", None)
+        if is_bos is None:
+            raise RuntimeError(
+                "lxt_explicit: sinks='bos' applies the sink gate only where the first token is the model's "
+                "beginning-of-sequence token, so it needs the input_ids of the forward pass; this attention ran "
+                "without them (a model called with inputs_embeds, or a rule used outside a registered "
+                "transformers model). Call the model with input_ids, or choose sinks='gate' or sinks=None."
+            )
+        return GATE if is_bos else None
 
     def explain_call(self, fn, args, kwargs):
         if fn is not F.scaled_dot_product_attention:
@@ -96,7 +118,7 @@ class AttentionRule(Rule):
         """:func:`~lxt_explicit.functional.scaled_dot_product_attention` with this rule's settings."""
         return lf.scaled_dot_product_attention(
             q, k, v, epsilon=self.epsilon, cp=self.cp, mask_is_bias_free=self._purity(options.get("attn_mask")),
-            sinks=self.sinks, **options,
+            sinks=self._resolved_sinks(), **options,
         )
 
 

@@ -1,0 +1,137 @@
+"""``sinks='bos'``: the sink gate where the first token is the beginning-of-sequence token, the paper's rules elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import tiny_models as tm
+import torch
+
+import lxt_explicit as lxt
+from lxt_explicit import functional as lf
+from lxt_explicit.presets import SINKS, attnlrp_sinks
+from lxt_explicit.sink_extensions import bos_token_ids, first_tokens_are_bos
+
+# ------------------------------------------------------------------------------ the decision, by hand
+
+
+def test_first_tokens_are_bos_on_hand_made_batches():
+    assert first_tokens_are_bos(torch.tensor([[1, 5, 6], [1, 7, 8]]), (1,))
+    assert not first_tokens_are_bos(torch.tensor([[5, 1, 6], [4, 1, 1]]), (1,))  # BOS later in the text: no
+    assert first_tokens_are_bos(torch.tensor([1, 4]), (1,))  # one unbatched sequence
+    assert first_tokens_are_bos(torch.tensor([[2, 3]]), (1, 2))  # a model with several BOS ids
+    padded = torch.tensor([[0, 0, 1, 5], [1, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert first_tokens_are_bos(padded, (1,), mask)  # left padding: the first unmasked token counts
+    with pytest.raises(ValueError, match=r"sequences \[1\] of 2 start with it"):
+        first_tokens_are_bos(padded, (1,))  # without the mask, row 0 starts with padding
+
+
+def test_bos_token_ids_come_from_the_config_or_the_generation_config():
+    model = tm.build("llama", attn="sdpa")
+    assert bos_token_ids(model) == (model.config.bos_token_id,) == (1,)
+    model.config.bos_token_id = None
+    model.generation_config.bos_token_id = [3, 4]  # generation configs may list several
+    assert bos_token_ids(model) == (3, 4)
+    model.generation_config.bos_token_id = None
+    assert bos_token_ids(model) == ()
+
+
+# ------------------------------------------------------------------------------ on a model
+
+
+def relevance(model, composite, **inputs):
+    with composite.context(model):
+        logits = model(**inputs, use_cache=False).logits
+        goals = logits[:, -1].max(-1).values
+        goals.backward(goals.detach())
+        return logits.detach(), composite.source_relevance()["model.embed_tokens"].sum(-1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tm.build("llama", attn="sdpa")
+
+
+def test_bos_is_the_gate_after_bos_and_the_paper_rule_after_a_word(llama):
+    bos = llama.config.bos_token_id
+    reference = llama(input_ids=torch.tensor([[bos, 5, 17, 33, 8]]), use_cache=False).logits
+    for first, same_as in ((bos, "gate"), (4, None)):
+        ids = torch.tensor([[first, 5, 17, 33, 8]])
+        logits, ours = relevance(llama, lxt.attnlrp(sinks="bos"), input_ids=ids)
+        _, expected = relevance(llama, lxt.attnlrp(sinks=same_as), input_ids=ids)
+        _, other = relevance(llama, lxt.attnlrp(sinks=None if same_as else "gate"), input_ids=ids)
+        assert torch.equal(ours, expected)
+        assert (ours - other).abs().max() > 1e-4  # the two settings differ on this model: the test can fail
+        if first == bos:
+            assert torch.equal(logits, reference)  # forward unchanged while registered
+            assert ours[0, 0] == 0.0  # the BOS token is a constant: its value term a bias, its relevance 0
+        else:
+            assert ours[0, 0] != 0.0  # a word in the first position keeps its relevance
+
+
+def test_bos_on_a_left_padded_batch_reads_each_first_real_token(llama):
+    bos = llama.config.bos_token_id
+    prompts = [[bos, 5, 17, 33, 8], [bos, 9, 12]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    _, ours = relevance(llama, lxt.attnlrp(sinks="bos"), **inputs)
+    _, gate = relevance(llama, lxt.attnlrp(sinks="gate"), **inputs)
+    assert torch.equal(ours, gate)
+    mixed = dict(inputs, input_ids=ids.masked_fill(ids == bos, 7))
+    mixed["input_ids"][0, -len(prompts[0])] = bos  # row 0 starts with BOS, row 1 with a word
+    with pytest.raises(ValueError, match=r"sequences \[0\] of 2 start with it"):
+        relevance(llama, lxt.attnlrp(sinks="bos"), **mixed)
+
+
+def test_bos_without_input_ids_is_refused_with_what_to_do(llama):
+    embeddings = llama.model.embed_tokens(torch.tensor([[llama.config.bos_token_id, 5, 6]]))
+    composite = lxt.attnlrp(sinks="bos")
+    with composite.context(llama), pytest.raises(RuntimeError, match="Call the model with input_ids"):
+        llama(inputs_embeds=embeddings.requires_grad_(), use_cache=False)
+    with pytest.raises(ValueError, match="sinks='gate'"):  # the functional has no input ids to read
+        q = torch.randn(1, 2, 3, 4, requires_grad=True)
+        lf.scaled_dot_product_attention(q, q, q, sinks="bos")
+
+
+@pytest.mark.parametrize("case", ["no_bos_id", "bidirectional"])
+def test_bos_on_a_model_it_cannot_gate_warns_and_gives_the_paper_rules(case):
+    if case == "no_bos_id":
+        model = tm.build("llama", attn="sdpa")
+        model.config.bos_token_id = model.generation_config.bos_token_id = None
+        inputs = {"input_ids": torch.tensor([[1, 5, 17, 33]])}
+        name = "model.embed_tokens"
+    else:
+        model = tm.build("bert", attn="sdpa")
+        inputs = tm.inputs("bert")
+        name = "bert.embeddings.word_embeddings"
+    results = []
+    for composite, expect_warning in ((lxt.attnlrp(sinks="bos"), True), (lxt.attnlrp(), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with composite.context(model):
+                output = model(**inputs).logits
+                output[0, -1].max().backward()
+                results.append(composite.source_relevance()[name])
+        messages = [str(w.message) for w in caught if "sinks='bos'" in str(w.message)]
+        assert bool(messages) == expect_warning, messages
+    assert torch.equal(results[0], results[1])
+
+
+def test_bos_registration_leaves_no_trace(llama):
+    ids = torch.tensor([[llama.config.bos_token_id, 5, 17, 33, 8]])
+    before = llama(input_ids=ids, use_cache=False).logits
+    hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in llama.modules()]
+    composite = lxt.attnlrp(sinks="bos").register(llama)
+    composite.remove()
+    assert all("forward" not in m.__dict__ for m in llama.modules())
+    assert hooks == [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in llama.modules()]
+    assert torch.equal(llama(input_ids=ids, use_cache=False).logits, before)
+
+
+def test_the_sink_preset_defaults_to_bos():
+    assert SINKS == "bos" and attnlrp_sinks().ops["attention"].sinks == "bos"
+    assert lxt.attnlrp(sinks="bos").ops["attention"].options() == {"epsilon": 1e-6, "cp": False, "sinks": "bos"}
