@@ -11,7 +11,6 @@ layer norm, ...).
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from .checkpointing import TransformersCheckpointing
@@ -34,8 +33,8 @@ from .rules import (
     UniformEpsilonRule,
     UniformRule,
 )
-from .stabilizer import DEFAULT_EPSILON, check_epsilon
 from .sink_extensions import BosSink, EagerAttentionWarning
+from .stabilizer import DEFAULT_EPSILON, check_epsilon
 from .state_space import StateSpaceMixers
 
 __all__ = [

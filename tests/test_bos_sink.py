@@ -1,4 +1,4 @@
-"""``sinks='bos'``: the sink gate where the first token is the beginning-of-sequence token, the paper's rules elsewhere."""
+"""``sinks='bos'``: the sink gate after the beginning-of-sequence token, the paper's rules after a word."""
 
 from __future__ import annotations
 

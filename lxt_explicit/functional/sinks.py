@@ -15,7 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BOS", "GATE", "MIX", "check_sinks", "mass_from_probs", "sink_column", "sink_index", "sink_mass", "sink_rows"]
+__all__ = [
+    "BOS", "GATE", "MIX", "check_sinks", "mass_from_probs", "sink_column", "sink_index", "sink_mass", "sink_rows",
+]
 
 
 #: The ``sinks`` setting that factors every row into a constant gate on the sink and a softmax over the other keys.
@@ -34,8 +36,8 @@ def check_sinks(sinks) -> float | str | None:
     if isinstance(sinks, bool) or not isinstance(sinks, (int, float)) or not 0.0 <= float(sinks) < 1.0:
         raise ValueError(
             f"sinks must be None (AttnLRP as published), 'gate' (the weight on the sink a constant gate, the sink's "
-            f"value a bias, the softmax rule on the other keys), 'bos' ('gate' where the first token is the beginning-of-"
-            f"sequence token, the paper's rules elsewhere), 'mix' (each row's weight on the sink decides its "
+            f"value a bias, the softmax rule on the other keys), 'bos' ('gate' where the first token is the "
+            f"beginning-of-sequence token, the paper's rules elsewhere), 'mix' (each row's weight on the sink decides its "
             f"share of constant attention weights) or the attention mass on the sink, a number in [0, 1), above "
             f"which a row's attention weights are constants; got {sinks!r}"
         )

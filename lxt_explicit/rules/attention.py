@@ -82,7 +82,7 @@ class AttentionRule(Rule):
         return type(self)(epsilon=self.epsilon, cp=self.cp, sinks=self.sinks)
 
     def first_token_is_bos(self, value: bool | None) -> None:
-        """For ``sinks='bos'``: whether the calling thread's forward pass starts with the BOS token (``None``: unknown)."""
+        """For ``sinks='bos'``: whether this thread's forward pass starts with the BOS token (``None``: unknown)."""
         self._first_token.is_bos = value
 
     def _resolved_sinks(self):
