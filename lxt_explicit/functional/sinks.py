@@ -37,8 +37,8 @@ def check_sinks(sinks) -> float | str | None:
         raise ValueError(
             f"sinks must be None (AttnLRP as published), 'gate' (the weight on the sink a constant gate, the sink's "
             f"value a bias, the softmax rule on the other keys), 'bos' ('gate' where the first token is the "
-            f"beginning-of-sequence token, the paper's rules elsewhere), 'mix' (each row's weight on the sink decides its "
-            f"share of constant attention weights) or the attention mass on the sink, a number in [0, 1), above "
+            f"beginning-of-sequence token, the paper's rules elsewhere), 'mix' (each row's weight on the sink decides "
+            f"its share of constant attention weights) or the attention mass on the sink, a number in [0, 1), above "
             f"which a row's attention weights are constants; got {sinks!r}"
         )
     return float(sinks)
