@@ -12,7 +12,9 @@ written after the setting was chosen; subject-verb agreement from
 * plausibility: is the answer word's occurrence in the prompt the most relevant token (top-1), and
   its reciprocal rank; for agreement, the evaluate module's MRR and pointing accuracy of the subject;
 * faithfulness: ABPC (``lxt_explicit.evaluate``, tokens removed in ``--steps`` steps, embeddings set
-  to zero, every token ranked) with bootstrap intervals and paired differences to AttnLRP;
+  to zero, every token ranked) with bootstrap intervals and paired differences to AttnLRP; and
+  again with the special tokens kept in place (zeroing the BOS token, the attention sink, changes
+  every head that parks its attention there, whatever the text says);
 * relevance bookkeeping: relevance at the inputs / explained logit, relevance of the first token
   (the sink) / logit, and (``RelevanceTrace``) the relevance absorbed inside the attention rules per
   layer on the first ``--trace-items`` reading items.
@@ -45,6 +47,7 @@ import torch  # noqa: E402
 from lxt_explicit import attnlrp, cp_lrp, evaluate  # noqa: E402
 from lxt_explicit.diagnostics import RelevanceTrace  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
+from lxt_explicit.sinks import special_positions  # noqa: E402
 
 SETS = ("reading", "entities", "induction", "lookup", "agreement")
 MODELS = ("smollm2", "gemma3")
@@ -123,7 +126,7 @@ def rank_of(relevance: torch.Tensor, positions, span=None) -> int:
 
 def score_set(model, tokenizer, model_name, kind, table, limit, log) -> dict:
     items, _ = items_of(kind, model_name, tokenizer, limit)
-    rows, prompts, relevances = [], [], {name: [] for name in table}
+    rows, prompts, text_prompts, relevances = [], [], [], {name: [] for name in table}
     for item in items:
         if limit and len(rows) >= limit:
             break
@@ -144,8 +147,12 @@ def score_set(model, tokenizer, model_name, kind, table, limit, log) -> dict:
                          "first": float(relevance[0]) / row["logit"]}
         rows.append(row)
         prompts.append(evaluate.EvaluationPrompt(ids, evaluate.Target(token), None, item.answer))
+        special = set(special_positions(tokenizer, ids[0].tolist()))
+        text_positions = tuple(i for i in range(ids.shape[1]) if i not in special)
+        text_prompts.append(evaluate.EvaluationPrompt(ids, evaluate.Target(token), text_positions, item.answer))
         log(f"{model_name} {kind} {len(rows)}: " + ", ".join(f"{n} {row[n]['rank']}" for n in table))
-    return {"tried": len(items) if not limit else None, "rows": rows, "prompts": prompts, "relevance": relevances}
+    return {"tried": len(items) if not limit else None, "rows": rows, "prompts": prompts, "text_prompts": text_prompts,
+            "relevance": relevances}
 
 
 def plausibility(rows, names) -> dict:
@@ -160,11 +167,12 @@ def plausibility(rows, names) -> dict:
     return out
 
 
-def faithfulness(model, scored, names, args, log) -> dict:
-    if not scored["prompts"]:
+def faithfulness(model, scored, names, args, log, prompts="prompts") -> dict:
+    """ABPC of every method; ``prompts='text_prompts'``: with the special tokens kept in place."""
+    if not scored[prompts]:
         return {}
     relevance = {name: scored["relevance"][name] for name in names}
-    result = evaluate.evaluate_faithfulness(model, scored["prompts"], relevance, steps=args.steps, batch=args.batch)
+    result = evaluate.evaluate_faithfulness(model, scored[prompts], relevance, steps=args.steps, batch=args.batch)
     summary = result.summary(resamples=args.bootstrap)
     return {m: {k: (list(v) if isinstance(v, tuple) else v) for k, v in e.items()} for m, e in summary.items()}
 
@@ -215,6 +223,7 @@ def run_model(name, args, log) -> dict:
         entry = {"items": len(scored["rows"]), "plausibility": plausibility(scored["rows"], table),
                  "rows": scored["rows"]}
         entry["abpc"] = faithfulness(model, scored, list(table), args, log)
+        entry["abpc_text"] = faithfulness(model, scored, list(table), args, log, prompts="text_prompts")
         out["sets"][kind] = entry
     if args.trace_items:
         out["trace"] = absorbed_per_layer(model, tokenizer, name, args.thresholds, args.trace_items)

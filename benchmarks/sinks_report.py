@@ -33,15 +33,15 @@ def plausibility_table(model: dict) -> list[str]:
     return lines
 
 
-def abpc_table(model: dict) -> list[str]:
-    sets = [k for k, v in model["sets"].items() if v.get("abpc")]
+def abpc_table(model: dict, key: str = "abpc") -> list[str]:
+    sets = [k for k, v in model["sets"].items() if v.get(key)]
     if not sets:
         return []
-    names = list(model["sets"][sets[0]]["abpc"])
+    names = list(model["sets"][sets[0]][key])
     lines = ["| method | " + " | ".join(f"{s}: ABPC" for s in sets) + " | "
              + " | ".join(f"{s}: minus AttnLRP" for s in sets) + " |", "|---|" + "---|" * (2 * len(sets))]
     for name in names:
-        cells = [model["sets"][s]["abpc"][name] for s in sets]
+        cells = [model["sets"][s][key][name] for s in sets]
         diffs = [_interval(c["minus_reference"]) if c.get("minus_reference") else "" for c in cells]
         lines.append(f"| {label(name)} | " + " | ".join(_interval(c["abpc"]) for c in cells) + " | "
                      + " | ".join(diffs) + " |")
@@ -120,6 +120,10 @@ def report(results: dict) -> str:
                   "### Plausibility", ""] + plausibility_table(model) + [""]
         lines += agreement_table(model) + [""]
         lines += ["### Faithfulness (ABPC of the explained logit)", ""] + abpc_table(model) + [""]
+        kept = abpc_table(model, "abpc_text")
+        if kept:
+            lines += ["ABPC with the special tokens kept (only the text's tokens ranked and removed; the BOS token "
+                      "and chat-template markers stay in place):", ""] + kept + [""]
         lines += ["### Where relevance goes (means over the scored items)", ""] + bookkeeping_table(model) + [""]
         if model.get("trace"):
             lines += ["### Relevance absorbed inside the attention rules, per layer (/ logit, first "

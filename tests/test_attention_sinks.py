@@ -380,6 +380,7 @@ def test_sinks_benchmark_smoke(tmp_path):
         assert all(entry["items"] == 2 for entry in plausibility.values())
         assert all(math.isfinite(entry["sum_over_logit"]) for entry in plausibility.values())
     assert len(model["trace"]["sinks gate"]["absorbed_per_layer"]) == 2
+    assert set(model["sets"]["reading"]["abpc_text"]) == set(model["sets"]["reading"]["abpc"])
     assert (tmp_path / "sinks.md").read_text() == report(results)
 
 

@@ -261,6 +261,34 @@ def test_evaluate_faithfulness_with_names_callables_and_precomputed_relevance():
         evaluate.evaluate_faithfulness(model, prompts, {"given": given[:1]})
 
 
+class SpecialTokenizer:
+    """Characters ``a``-``d`` are tokens 0-3, ``<`` is token 3 marked special (a BOS token)."""
+
+    all_special_ids = [3]
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        ids = [3 if c == "<" else "abcd".index(c) for c in text]
+        return {"input_ids": ids, "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+
+def test_make_prompt_can_keep_the_special_tokens_in_place():
+    model, tokenizer = SumModel().double(), SpecialTokenizer()
+    assert evaluate.make_prompt(model, tokenizer, "<abc", target=0).positions is None  # every token ranked
+    kept = evaluate.make_prompt(model, tokenizer, "<abc", target=0, keep_special_tokens=True)
+    assert kept.input_ids.tolist() == [[3, 0, 1, 2]] and kept.positions == (1, 2, 3)
+    both = evaluate.make_prompt(model, tokenizer, "<ab<c", target=0, span="b<c", keep_special_tokens=True)
+    assert both.positions == (2, 4)
+    with pytest.raises(ValueError, match="every token of the prompt is a special token"):
+        evaluate.make_prompt(model, tokenizer, "<<", target=0, keep_special_tokens=True)
+    # the BOS token's removal order decides this ABPC: ranked first by one method, last by the other
+    first, last = torch.tensor([9.0, 1.0, 2.0, 3.0]), torch.tensor([-9.0, 1.0, 2.0, 3.0])
+    every = evaluate.evaluate_faithfulness(model, [evaluate.make_prompt(model, tokenizer, "<abc", target=0)],
+                                           {"first": [first], "last": [last]}, steps=4)
+    text = evaluate.evaluate_faithfulness(model, [kept], {"first": [first], "last": [last]}, steps=4)
+    assert every.scores("first")[0] != every.scores("last")[0]
+    assert text.scores("first")[0] == text.scores("last")[0]
+
+
 # ------------------------------------------------------------------------------------ patching
 
 

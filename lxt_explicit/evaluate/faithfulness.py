@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..sinks import special_positions
 from .baselines import resolve_methods
 from .perturbation import Curves, perturbation_curves
 from .statistics import bootstrap, paired_difference
@@ -48,7 +49,8 @@ class EvaluationPrompt:
 
 
 def make_prompt(model: nn.Module, tokenizer, text: str, *, target: Target | int | str | None = None,
-                span: str | None = None, add_special_tokens: bool = True, name: str = "") -> EvaluationPrompt:
+                span: str | None = None, add_special_tokens: bool = True, keep_special_tokens: bool = False,
+                name: str = "") -> EvaluationPrompt:
     """Tokenize ``text`` into an :class:`EvaluationPrompt`.
 
     Parameters
@@ -66,6 +68,11 @@ def make_prompt(model: nn.Module, tokenizer, text: str, *, target: Target | int 
         substring (e.g. the document of a question-answering prompt).
     add_special_tokens : bool
         Passed to the tokenizer (``False`` for text that went through a chat template).
+    keep_special_tokens : bool
+        Leave the tokenizer's special tokens (the BOS token, chat-template markers) in place: they
+        are neither ranked nor removed.  Zeroing the BOS token of a model with an attention sink
+        changes every head that parks its attention there, whatever the explanation says, so the
+        removal order of that one token can decide the ABPC (``benchmarks/results/sinks.md``).
     name : str
         A label.
     """
@@ -87,6 +94,12 @@ def make_prompt(model: nn.Module, tokenizer, text: str, *, target: Target | int 
             raise ValueError(f"span {span!r} is not part of the prompt")
         offsets = encoded["offset_mapping"]
         positions = tuple(i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < start + len(span))
+    if keep_special_tokens:
+        special = set(special_positions(tokenizer, encoded["input_ids"]))
+        ranked = range(input_ids.shape[1]) if positions is None else positions
+        positions = tuple(i for i in ranked if i not in special)
+        if not positions:
+            raise ValueError("every token of the prompt is a special token: nothing is left to rank and remove")
     return EvaluationPrompt(input_ids, as_target(target), positions, name)
 
 
