@@ -73,7 +73,8 @@ class BosSink:
     Before every forward pass of the registered model it reads ``input_ids`` (and
     ``attention_mask``, for left padding) and tells those rules whether the sequences start with the
     model's BOS token: the rules then apply the sink gate, otherwise the paper's rules.  A forward
-    pass without ``input_ids`` leaves it unknown; the rules then raise instead of guessing.  A model
+    pass without ``input_ids`` (or that continues a filled key-value cache) leaves it unknown; the rules
+    then raise where relevance is tracked instead of guessing.  A model
     without a BOS token id, or whose attention is not causal, gets the paper's rules (with a warning
     at registration).
     """
@@ -109,6 +110,9 @@ class BosSink:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         is_bos = False if bos_ids is None else None
         readable = isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() and ids.shape[-1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it cache
+        if cache is not None and callable(getattr(cache, "get_seq_length", None)) and cache.get_seq_length() > 0:
+            readable = False  # the first token is in the cache, not in input_ids
         if bos_ids is not None and readable:
             is_bos = first_tokens_are_bos(ids, bos_ids, mask)
         for rule in rules:

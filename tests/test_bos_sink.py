@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -92,6 +93,14 @@ def test_bos_without_input_ids_is_refused_with_what_to_do(llama):
     composite = lxt.attnlrp(sinks="bos")
     with composite.context(llama), pytest.raises(RuntimeError, match="Call the model with input_ids"):
         llama(inputs_embeds=embeddings.requires_grad_(), use_cache=False)
+    prompt = torch.tensor([[llama.config.bos_token_id, 5, 6]])
+    with composite.context(llama):  # generation continues a cache: no relevance, the plain forward pass
+        generated = llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, llama.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    with composite.context(llama), torch.enable_grad(), pytest.raises(RuntimeError, match="key-value cache"):
+        output = llama(input_ids=prompt, use_cache=True)
+        name = "cache" if "cache" in inspect.signature(type(llama).forward).parameters else "past_key_values"
+        llama(input_ids=torch.tensor([[7]]), use_cache=True, **{name: output.past_key_values})
     with pytest.raises(ValueError, match="sinks='gate'"):  # the functional has no input ids to read
         q = torch.randn(1, 2, 3, 4, requires_grad=True)
         lf.scaled_dot_product_attention(q, q, q, sinks="bos")

@@ -89,12 +89,15 @@ class AttentionRule(Rule):
         if self.sinks != BOS:
             return self.sinks
         is_bos = getattr(self._first_token, "is_bos", None)
+        if is_bos is None and not torch.is_grad_enabled():
+            return None  # no relevance to compute (generation with a cache): the forward pass is the same
         if is_bos is None:
             raise RuntimeError(
                 "lxt_explicit: sinks='bos' applies the sink gate only where the first token is the model's "
                 "beginning-of-sequence token, so it needs the input_ids of the forward pass; this attention ran "
-                "without them (a model called with inputs_embeds, or a rule used outside a registered "
-                "transformers model). Call the model with input_ids, or choose sinks='gate' or sinks=None."
+                "without them (a model called with inputs_embeds or with a filled key-value cache, or a rule used "
+                "outside a registered transformers model). Call the model with input_ids and no cache, or choose "
+                "sinks='gate' or sinks=None."
             )
         return GATE if is_bos else None
 
