@@ -328,7 +328,7 @@ def attnlrp(
         sequence attends to) a constant gate, the sink's value a bias, the softmax rule on the other
         keys.  ``'bos'``: ``'gate'`` in forward passes whose sequences start with the BOS token
         (``config.bos_token_id``; causal models called with ``input_ids``), ``None`` in the others.
-        ``'mix'`: each query row's relevance split by its attention weight on the sink key.
+        ``'mix'``: each query row's relevance split by its attention weight on the sink key.
         A threshold in ``[0, 1)``: rows whose weight on the sink exceeds it get constant attention
         weights.  Applies
         to ``F.scaled_dot_product_attention`` (the

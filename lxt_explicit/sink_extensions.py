@@ -16,6 +16,7 @@ word's relevance, and the paper's rules apply (``docs/attention_sinks.md``).
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import torch
@@ -61,6 +62,13 @@ def first_tokens_are_bos(input_ids: torch.Tensor, bos_ids, attention_mask=None) 
     return count > 0
 
 
+def _takes_input_ids(module: nn.Module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_causal(model: nn.Module) -> bool:
     """True when the model's attention modules are causal (transformers sets ``is_causal`` on each)."""
     flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
@@ -70,7 +78,8 @@ def _is_causal(model: nn.Module) -> bool:
 class BosSink:
     """A :class:`~lxt_explicit.composite.Composite` extension for the attention rules with ``sinks='bos'``.
 
-    Before every forward pass of the registered model it reads ``input_ids`` (and
+    Before every forward pass of the registered model (and of an inner model that takes
+    ``input_ids``, such as a causal LM's base model called alone) it reads ``input_ids`` (and
     ``attention_mask``, for left padding) and tells those rules whether the sequences start with the
     model's BOS token: the rules then apply the sink gate, otherwise the paper's rules.  A forward
     pass without ``input_ids`` (or that continues a filled key-value cache) leaves it unknown; the rules
@@ -101,7 +110,10 @@ class BosSink:
                 stacklevel=4,
             )
             bos_ids = None
-        registration.before_call(model, functools.partial(self._tell, tuple(dict.fromkeys(rules)), bos_ids))
+        tell = functools.partial(self._tell, tuple(dict.fromkeys(rules)), bos_ids)
+        for module in model.modules():  # the model and its inner models (a CausalLM's base model, called alone)
+            if module is model or _takes_input_ids(module):
+                registration.before_call(module, tell)
         return {}
 
     @staticmethod

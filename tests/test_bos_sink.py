@@ -72,6 +72,20 @@ def test_bos_is_the_gate_after_bos_and_the_paper_rule_after_a_word(llama):
             assert ours[0, 0] != 0.0  # a word in the first position keeps its relevance
 
 
+def test_bos_reads_the_ids_of_an_inner_model_called_alone(llama):
+    bos = llama.config.bos_token_id
+    composite = lxt.attnlrp(sinks="bos")
+    results = {}
+    with composite.context(llama):
+        llama(input_ids=torch.tensor([[bos, 5, 6]]), use_cache=False)  # the last forward pass started with BOS
+        for first in (4, bos):  # the base model alone: its own ids decide, not the previous call's
+            hidden = llama.model(input_ids=torch.tensor([[first, 5, 17, 33]]), use_cache=False).last_hidden_state
+            hidden[0, -1].sum().backward()
+            newest = [k for k in composite.source_relevance() if k.startswith("model.embed_tokens")][-1]
+            results[first] = composite.source_relevance()[newest].sum(-1)  # (sources gather until the model runs)
+    assert results[4][0, 0] != 0.0 and results[bos][0, 0] == 0.0
+
+
 def test_bos_on_a_left_padded_batch_reads_each_first_real_token(llama):
     bos = llama.config.bos_token_id
     prompts = [[bos, 5, 17, 33, 8], [bos, 9, 12]]

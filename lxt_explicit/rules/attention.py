@@ -62,7 +62,7 @@ class AttentionRule(Rule):
         :func:`~lxt_explicit.functional.scaled_dot_product_attention` and ``docs/attention_sinks.md``).
         ``'bos'``: ``'gate'`` in the forward passes whose first token is the beginning-of-sequence
         token, ``None`` in the others; the registered model tells the rule which it is
-        (:meth:`first_token_is_bos`, called by :class:`~lxt_explicit.bos_sink.BosSink`).
+        (:meth:`first_token_is_bos`, called by :class:`~lxt_explicit.sink_extensions.BosSink`).
     """
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, cp: bool = False, sinks: float | str | None = None):
