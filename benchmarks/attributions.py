@@ -39,6 +39,7 @@ needs gradients with respect to the input only.  Only the last position's logits
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -289,7 +290,8 @@ def _attribute(method, model, input_ids, token, settings, positions, baseline, s
     if method == "cp_lrp":
         return lrp(model, input_ids, token, lxt.cp_lrp)
     if method == "attnlrp_sinks":
-        return lrp(model, input_ids, token, lxt.attnlrp_sinks)
+        # the gate itself: random ids start with a word, where attnlrp_sinks() (sinks='bos') is the paper's rules
+        return lrp(model, input_ids, token, functools.partial(lxt.attnlrp, sinks="gate"))
     if method == "attnlrp_all_logits":
         return lrp(model, input_ids, token, lxt.attnlrp, all_logits=True)
     if method == "gradient":
