@@ -62,7 +62,8 @@ SINGLE_PASS = ("forward", "gradient", "attnlrp", "cp_lrp", "input_x_gradient", "
 MULTI_PASS = ("integrated_gradients", "smoothgrad", "occlusion")
 #: Methods timed on request only: the library's ``explain()`` end to end (it reads text: the random ids are
 #: written as words of :func:`common.word_tokenizer`), AttnLRP with the logits of every position, and
-#: ``attnlrp_sinks`` (the attention-sink gate, ``attnlrp(sinks='gate')``; ``--name speed_sinks``, :data:`SINKS_COMMAND`).
+#: ``attnlrp_sinks`` (the attention-sink gate, ``attnlrp(sinks='gate')``; ``--name speed_sinks``,
+#: :data:`SINKS_COMMAND`).
 EXTRA = ("explain", "attnlrp_all_logits", "attnlrp_sinks")
 DEFAULT_METHODS = SINGLE_PASS + ("integrated_gradients", "occlusion")
 DEFAULT_MODELS = ("smollm2:128,512,1024,2048", "medium:128,512")
