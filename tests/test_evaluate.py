@@ -213,6 +213,9 @@ def test_lrp_equals_explain_and_input_x_gradient_is_literal(tiny):
     reference = explain(model, tokenizer, text, target=" paris", contrast=" london")
     target = Target(tokenizer.convert_tokens_to_ids("paris"), -1, tokenizer.convert_tokens_to_ids("london"))
     torch.testing.assert_close(evaluate.lrp(model, ids, target), reference.relevance, rtol=1e-6, atol=1e-9)
+    with pytest.warns(UserWarning, match="no beginning-of-sequence token id"):  # the tiny model has none
+        sinks = explain(model, tokenizer, text, target=" paris", contrast=" london", method="attnlrp_sinks")
+        torch.testing.assert_close(baselines.attnlrp_sinks(model, ids, target), sinks.relevance, rtol=1e-6, atol=1e-9)
     embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
     logits = model(inputs_embeds=embeddings).logits[0, -1]
     (logits[target.token] - logits[target.contrast]).backward()

@@ -7,9 +7,9 @@ signature can be evaluated next to the built-in ones; options are given with
 :func:`get_method` (``get_method("integrated_gradients", steps=32)``) or ``functools.partial``.
 
 =========================  =========================================================================
-``attnlrp``, ``cp_lrp``    relevance of the token embeddings (summed over hidden) from one forward and
-                           one relevance backward pass under :func:`lxt_explicit.attnlrp` /
-                           :func:`lxt_explicit.cp_lrp`.
+``attnlrp``, ``cp_lrp``,   relevance of the token embeddings (summed over hidden) from one forward and
+``attnlrp_sinks``          one relevance backward pass under :func:`lxt_explicit.attnlrp` /
+                           :func:`lxt_explicit.cp_lrp` / :func:`lxt_explicit.attnlrp_sinks`.
 ``gradient``               L2 norm over hidden of the gradient with respect to the token embeddings.
 ``input_x_gradient``       embeddings times gradient, summed over hidden.
 ``integrated_gradients``   Captum's ``IntegratedGradients`` on the embeddings from a zero baseline
@@ -40,6 +40,7 @@ from torch import nn
 
 from ..composite import Composite
 from ..presets import attnlrp as attnlrp_preset
+from ..presets import attnlrp_sinks as attnlrp_sinks_preset
 from ..presets import cp_lrp as cp_lrp_preset
 from .perturbation import perturbed_values
 from .target import Target, as_target, embed, embedding_name, model_logits
@@ -49,6 +50,7 @@ __all__ = [
     "Method",
     "attention_rollout",
     "attnlrp",
+    "attnlrp_sinks",
     "cp_lrp",
     "get_method",
     "gradient",
@@ -91,7 +93,7 @@ def lrp(model: nn.Module, input_ids: torch.Tensor, target: Target | int, *, comp
         As for every method (see the module docstring).
     composite : Composite, optional
         The rules; default ``lxt_explicit.attnlrp()`` (``method='cp_lrp'``: ``lxt_explicit.cp_lrp()``).
-    method : {'attnlrp', 'cp_lrp'}
+    method : {'attnlrp', 'attnlrp_sinks', 'cp_lrp'}
         The preset used when no composite is given.
     epsilon : float, optional
         The presets' stabilizer (their default if not given).
@@ -106,7 +108,7 @@ def lrp(model: nn.Module, input_ids: torch.Tensor, target: Target | int, *, comp
     _check_ids(input_ids)
     target = as_target(target)
     if composite is None:
-        presets = {"attnlrp": attnlrp_preset, "cp_lrp": cp_lrp_preset}
+        presets = {"attnlrp": attnlrp_preset, "attnlrp_sinks": attnlrp_sinks_preset, "cp_lrp": cp_lrp_preset}
         if method not in presets:
             raise ValueError(f"method must be one of {sorted(presets)}, got {method!r}")
         composite = presets[method](**({} if epsilon is None else {"epsilon": epsilon}))
@@ -120,6 +122,11 @@ def lrp(model: nn.Module, input_ids: torch.Tensor, target: Target | int, *, comp
 def attnlrp(model: nn.Module, input_ids: torch.Tensor, target: Target | int) -> torch.Tensor:
     """AttnLRP relevance per token (:func:`lrp` with :func:`lxt_explicit.attnlrp`)."""
     return lrp(model, input_ids, target, method="attnlrp")
+
+
+def attnlrp_sinks(model: nn.Module, input_ids: torch.Tensor, target: Target | int) -> torch.Tensor:
+    """AttnLRP with the attention-sink gate after a BOS token (:func:`lrp` with :func:`lxt_explicit.attnlrp_sinks`)."""
+    return lrp(model, input_ids, target, method="attnlrp_sinks")
 
 
 def cp_lrp(model: nn.Module, input_ids: torch.Tensor, target: Target | int) -> torch.Tensor:
@@ -249,6 +256,7 @@ def random_scores(model: nn.Module, input_ids: torch.Tensor, target: Target | in
 #: Every built-in method by name, in the order result tables list them.
 METHODS = MappingProxyType({
     "attnlrp": attnlrp,
+    "attnlrp_sinks": attnlrp_sinks,
     "cp_lrp": cp_lrp,
     "gradient": gradient,
     "input_x_gradient": input_x_gradient,
