@@ -239,23 +239,12 @@ def _gated_grads(q, k, v, wanted, normed, gated):
     attn_mask, is_causal, scale, enable_gqa = gated
     gate = sink_mass(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                      complement=True)
+    mask = _without_sink(attn_mask, is_causal, q, k)
     leaves = [t.detach().requires_grad_(any(t is w for w in wanted)) for t in (q, k, v)]
-    chosen = [leaf for leaf, t in zip(leaves, (q, k, v)) if any(t is w for w in wanted)]
-    if not chosen:
-        return ()
-    relevance = normed * gate.unsqueeze(-1).to(normed.dtype)
     with torch.enable_grad():
-        if attn_mask is None and (not is_causal or q.size(-2) == k.size(-2)) and k.size(-2) > 1:
-            # the sink is key 0 of every row: drop it (and, if causal, query 0, which sees only the sink
-            # and has g = 0), so that torch's causal kernel runs without a mask
-            first = 1 if is_causal else 0
-            lq, lk, lv = leaves[0][..., first:, :], leaves[1][..., 1:, :], leaves[2][..., 1:, :]
-            rest = F.scaled_dot_product_attention(lq, lk, lv, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-            return torch.autograd.grad(rest, chosen, relevance[..., first:, :], materialize_grads=True,
-                                       allow_unused=True)
-        mask = _without_sink(attn_mask, is_causal, q, k)
         rest = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
-    return torch.autograd.grad(rest, chosen, relevance)
+    chosen = [leaf for leaf, t in zip(leaves, (q, k, v)) if any(t is w for w in wanted)]
+    return torch.autograd.grad(rest, chosen, normed * gate.unsqueeze(-1).to(normed.dtype)) if chosen else ()
 
 
 def _keep_graph() -> bool:
