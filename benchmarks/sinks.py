@@ -21,7 +21,7 @@ written after the setting was chosen; subject-verb agreement from
 
 Usage::
 
-    python benchmarks/sinks.py                          # both models, ~30 min on one CPU thread
+    python benchmarks/sinks.py                          # both models, ~45 min on one CPU thread
     python benchmarks/sinks.py --models smollm2 --items 4 --output /tmp/sinks   # quick look
 
 Results: ``benchmarks/results/sinks.json`` and ``sinks.md`` (written by ``sinks_report.py``).
