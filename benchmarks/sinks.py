@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from lxt_explicit import attnlrp, cp_lrp, evaluate  # noqa: E402
 from lxt_explicit.diagnostics import RelevanceTrace  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
-from lxt_explicit.sinks import special_positions  # noqa: E402
+from lxt_explicit.sinks import text_positions  # noqa: E402
 
 SETS = ("reading", "entities", "induction", "lookup", "agreement")
 MODELS = ("smollm2", "gemma3")
@@ -147,9 +147,8 @@ def score_set(model, tokenizer, model_name, kind, table, limit, log) -> dict:
                          "first": float(relevance[0]) / row["logit"]}
         rows.append(row)
         prompts.append(evaluate.EvaluationPrompt(ids, evaluate.Target(token), None, item.answer))
-        special = set(special_positions(tokenizer, ids[0].tolist()))
-        text_positions = tuple(i for i in range(ids.shape[1]) if i not in special)
-        text_prompts.append(evaluate.EvaluationPrompt(ids, evaluate.Target(token), text_positions, item.answer))
+        kept = text_positions(tokenizer, ids[0].tolist())  # the special tokens stay in place
+        text_prompts.append(evaluate.EvaluationPrompt(ids, evaluate.Target(token), kept, item.answer))
         log(f"{model_name} {kind} {len(rows)}: " + ", ".join(f"{n} {row[n]['rank']}" for n in table))
     return {"tried": len(items) if not limit else None, "rows": rows, "prompts": prompts, "text_prompts": text_prompts,
             "relevance": relevances}

@@ -147,7 +147,7 @@ class EagerAttentionWarning:
                 "attention (torch.softmax then matmul), which keeps the paper's softmax rule. Load the model with "
                 "attn_implementation='sdpa' (or set model.config._attn_implementation = 'sdpa').",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # warn -> this register -> Registration.apply -> Composite.register -> the caller
             )
         return {}
 

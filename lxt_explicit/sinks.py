@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["json_shares", "relevance_shares", "special_positions", "sink_shares"]
+__all__ = ["json_shares", "relevance_shares", "special_positions", "sink_shares", "text_positions"]
 
 
 def special_positions(tokenizer, token_ids: Sequence[int]) -> list[int]:
@@ -35,6 +35,12 @@ def special_positions(tokenizer, token_ids: Sequence[int]) -> list[int]:
         if getattr(added, "special", False):
             special.add(int(token_id))
     return [position for position, token in enumerate(token_ids) if int(token) in special]
+
+
+def text_positions(tokenizer, token_ids: Sequence[int], positions: Sequence[int] | None = None) -> tuple[int, ...]:
+    """``positions`` (default: every position of ``token_ids``) less the special tokens' (:func:`special_positions`)."""
+    special = set(special_positions(tokenizer, token_ids))
+    return tuple(i for i in (range(len(token_ids)) if positions is None else positions) if i not in special)
 
 
 def relevance_shares(relevance, special: Sequence[int] = ()) -> dict[str, float]:

@@ -13,6 +13,7 @@ import lxt_explicit as lxt
 from lxt_explicit import functional as lf
 from lxt_explicit.presets import SINKS, attnlrp_sinks
 from lxt_explicit.sink_extensions import bos_token_ids, first_tokens_are_bos
+from lxt_explicit.stabilizer import DEFAULT_EPSILON
 
 # ------------------------------------------------------------------------------ the decision, by hand
 
@@ -157,4 +158,5 @@ def test_bos_registration_leaves_no_trace(llama):
 
 def test_the_sink_preset_defaults_to_bos():
     assert SINKS == "bos" and attnlrp_sinks().ops["attention"].sinks == "bos"
-    assert lxt.attnlrp(sinks="bos").ops["attention"].options() == {"epsilon": 1e-6, "cp": False, "sinks": "bos"}
+    assert lxt.attnlrp(sinks="bos").ops["attention"].options() == {"epsilon": DEFAULT_EPSILON, "cp": False,
+                                                                  "sinks": "bos"}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..sinks import special_positions
+from ..sinks import text_positions
 from .baselines import resolve_methods
 from .perturbation import Curves, perturbation_curves
 from .statistics import bootstrap, paired_difference
@@ -95,9 +95,7 @@ def make_prompt(model: nn.Module, tokenizer, text: str, *, target: Target | int 
         offsets = encoded["offset_mapping"]
         positions = tuple(i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < start + len(span))
     if keep_special_tokens:
-        special = set(special_positions(tokenizer, encoded["input_ids"]))
-        ranked = range(input_ids.shape[1]) if positions is None else positions
-        positions = tuple(i for i in ranked if i not in special)
+        positions = text_positions(tokenizer, encoded["input_ids"], positions)
         if not positions:
             raise ValueError("every token of the prompt is a special token: nothing is left to rank and remove")
     return EvaluationPrompt(input_ids, as_target(target), positions, name)
