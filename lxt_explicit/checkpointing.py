@@ -3,10 +3,14 @@
 transformers checkpoints a layer's *class* ``forward`` (``GradientCheckpointingLayer``) through
 the layer's ``_gradient_checkpointing_func``, so the backward pass recomputes the layer without
 passing through the instance-level wrappers of a registered Composite.  This extension gives such
-layers, while registered, a checkpoint function whose recomputation is routed like the forward pass.
+layers, while registered, a checkpoint function whose recomputation is routed like the forward pass,
+with the per-forward settings of other extensions (``Registration.keep_for_recomputation``) as they
+were in that forward pass.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -41,8 +45,14 @@ class TransformersCheckpointing:
                 return
 
             def routed_checkpoint(function, *args, **kwargs):
+                # the extensions' settings of this forward pass, for a recomputation after later ones
+                settings = [capture() for capture in registration.recomputation_states]
+
                 def run(*inner_args, **inner_kwargs):
-                    return registration.router.run_routed(name, function, inner_args, inner_kwargs)
+                    with contextlib.ExitStack() as stack:
+                        for setting in settings:
+                            stack.enter_context(setting())
+                        return registration.router.run_routed(name, function, inner_args, inner_kwargs)
 
                 return checkpoint(run, *args, **kwargs)
 

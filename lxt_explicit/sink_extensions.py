@@ -15,6 +15,7 @@ word's relevance, and the paper's rules apply (``docs/attention_sinks.md``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -80,9 +81,11 @@ class BosSink:
 
     Before every forward pass of the registered model (and of an inner model that takes
     ``input_ids``, such as a causal LM's base model called alone) it reads ``input_ids`` (and
-    ``attention_mask``, for left padding) and tells those rules whether the sequences start with the
-    model's BOS token: the rules then apply the sink gate, otherwise the paper's rules.  A forward
-    pass without ``input_ids`` (or that continues a filled key-value cache) leaves it unknown; the rules
+    ``attention_mask``, for left padding) and tells those rules, for that call, whether the sequences
+    start with the model's BOS token: the rules then apply the sink gate, otherwise the paper's rules.
+    The decision ends with the call; a layer recomputed by gradient checkpointing gets the decision of
+    its own forward pass.  A forward pass without ``input_ids`` (or that continues a filled key-value
+    cache), or a layer called on its own, leaves it unknown; the rules
     then raise where relevance is tracked instead of guessing.  A model
     without a BOS token id, or whose attention is not causal, gets the paper's rules (with a warning
     at registration).
@@ -110,14 +113,22 @@ class BosSink:
                 stacklevel=4,
             )
             bos_ids = None
-        tell = functools.partial(self._tell, tuple(dict.fromkeys(rules)), bos_ids)
+        rules = tuple(dict.fromkeys(rules))
+        tell = functools.partial(self._tell, rules, bos_ids)
         for module in model.modules():  # the model and its inner models (a CausalLM's base model, called alone)
             if module is model or _takes_input_ids(module):
                 registration.before_call(module, tell)
+        registration.keep_for_recomputation(functools.partial(self._capture, rules))
         return {}
 
     @staticmethod
-    def _tell(rules, bos_ids, module, args, kwargs) -> None:
+    def _capture(rules):
+        """This forward pass's decision, to be restored when a checkpointed layer is recomputed."""
+        return functools.partial(_decided, rules, tuple(rule.first_token_decision() for rule in rules))
+
+    @staticmethod
+    def _tell(rules, bos_ids, module, args, kwargs):
+        """Decide for this call of ``module``; the decision ends with the call (a context manager)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         is_bos = False if bos_ids is None else None
@@ -127,11 +138,23 @@ class BosSink:
             readable = False  # the first token is in the cache, not in input_ids
         if bos_ids is not None and readable:
             is_bos = first_tokens_are_bos(ids, bos_ids, mask)
-        for rule in rules:
-            rule.first_token_is_bos(is_bos)
+        return _decided(rules, (is_bos,) * len(rules))
 
     def __repr__(self) -> str:
         return "BosSink()"
+
+
+@contextlib.contextmanager
+def _decided(rules, decisions):
+    """Tell ``rules`` their ``decisions`` for the duration of a call, then what they had before."""
+    previous = [rule.first_token_decision() for rule in rules]
+    for rule, decision in zip(rules, decisions):
+        rule.first_token_is_bos(decision)
+    try:
+        yield
+    finally:
+        for rule, decision in zip(rules, previous):
+            rule.first_token_is_bos(decision)
 
 
 class EagerAttentionWarning:

@@ -87,6 +87,56 @@ def test_bos_reads_the_ids_of_an_inner_model_called_alone(llama):
     assert results[4][0, 0] != 0.0 and results[bos][0, 0] == 0.0
 
 
+def test_bos_decision_ends_with_its_forward_pass(llama):
+    bos = llama.config.bos_token_id
+    layer = llama.model.layers[0]
+    hidden = torch.randn(1, 3, llama.config.hidden_size, requires_grad=True)
+    position = llama.model.rotary_emb(hidden, torch.arange(3)[None])
+    with lxt.attnlrp(sinks="bos").context(llama):
+        llama(input_ids=torch.tensor([[bos, 5, 6]]), use_cache=False)  # a forward pass after BOS
+        # a layer called on its own has no ids: refused, not run with the previous call's gate
+        with pytest.raises(RuntimeError, match="needs the input_ids"):
+            layer(hidden, position_embeddings=position, attention_mask=None)
+
+
+def layer_input_relevance(model, ids, *, interleave=None, reentrant=None, sinks="bos"):
+    """Relevance at the first layer's input for ``ids``; ``interleave``: ids of a forward pass before the backward."""
+    if reentrant is not None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        if reentrant:  # reentrant checkpointing needs an input that requires grad to build the graph
+            model.enable_input_require_grads()
+    kept = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: kept.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with lxt.attnlrp(sinks=sinks).context(model):
+            goal = model(input_ids=ids, use_cache=False).logits[0, -1].max()
+            kept[0].retain_grad()
+            if interleave is not None:
+                model(input_ids=interleave, use_cache=False)
+            goal.backward()
+    finally:
+        hook.remove()
+        if reentrant is not None:
+            model.activation_checkpointing_disable()
+            model.eval()
+    return (kept[0] * kept[0].grad).sum(-1).detach()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_bos_recomputation_keeps_its_forward_pass_decision(reentrant):
+    model = tm.build("llama", attn="sdpa")
+    bos = model.config.bos_token_id
+    after_bos, after_word = torch.tensor([[bos, 5, 17, 33, 8]]), torch.tensor([[4, 5, 17, 33, 8]])
+    expected = layer_input_relevance(model, after_bos)
+    paper = layer_input_relevance(model, after_bos, sinks=None)  # what the word's decision gives: the test can fail
+    assert expected[0, 0] == 0.0 and (expected - paper).abs().max() > 1e-4
+    # checkpointed layers are recomputed in the backward pass, after a forward pass that starts with a word
+    actual = layer_input_relevance(model, after_bos, interleave=after_word, reentrant=reentrant)
+    assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_bos_on_a_left_padded_batch_reads_each_first_real_token(llama):
     bos = llama.config.bos_token_id
     prompts = [[bos, 5, 17, 33, 8], [bos, 9, 12]]

@@ -46,6 +46,7 @@ class Registration:
         self.frozen: dict[int, nn.Parameter] = {}
         self.twins: dict[int, nn.Parameter] = {}
         self.calls: dict[int, list] = {}
+        self.recomputation_states: list = []
         # canonizers and (unless they say otherwise) extensions change parameters or hooks
         self.changes_parameters = bool(composite.canonizers) or any(
             getattr(extension, "changes_model", True) for extension in composite.extensions
@@ -102,8 +103,21 @@ class Registration:
             module.__dict__[name] = previous
 
     def before_call(self, module: nn.Module, callback) -> None:
-        """Call ``callback(module, args, kwargs)`` whenever ``module`` is called while registered (for extensions)."""
+        """Call ``callback(module, args, kwargs)`` whenever ``module`` is called while registered (for extensions).
+
+        The callback may return a context manager: the call of ``module`` then runs inside it, so
+        that a setting made for one call ends with it.
+        """
         self.calls.setdefault(id(module), []).append(callback)
+
+    def keep_for_recomputation(self, capture) -> None:
+        """Carry a per-forward setting of an extension into recomputations (gradient checkpointing).
+
+        ``capture()`` is called when a checkpointed layer runs in the forward pass; it returns a
+        function that gives a context manager restoring that setting, entered around the layer's
+        recomputation in the backward pass (which may come after other forward passes).
+        """
+        self.recomputation_states.append(capture)
 
     def freeze(self, model: nn.Module) -> None:
         """Treat every parameter (not yet frozen) as a constant of the explanation, until removal."""

@@ -6,6 +6,7 @@ registered model can run in several threads and every thread reads its own relev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Callable
@@ -182,17 +183,26 @@ class Router:
         """The instance-level ``forward`` of ``module``: track the module, apply its rule.
 
         ``original`` is the forward it replaces; ``callbacks`` are called with the module and the
-        call's arguments first (see ``Registration.before_call``).
+        call's arguments first, and the call runs inside the context managers they return (see
+        ``Registration.before_call``).
         """
         state = self.state
         is_root = module is self.events.model
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
-            for callback in callbacks:
-                callback(module, args, kwargs)
+            if callbacks:
+                with contextlib.ExitStack() as settings:
+                    for callback in callbacks:
+                        setting = callback(module, args, kwargs)
+                        if setting is not None:
+                            settings.enter_context(setting)
+                    return routed(*args, **kwargs)
+            return routed(*args, **kwargs)
+
+        def routed(*args, **kwargs):
             if not state.active:
-                return self.enter(forward, is_root, args, kwargs)
+                return self.enter(routed, is_root, args, kwargs)
             state.stack.append(name)
             try:
                 if rule is None or state.paused:

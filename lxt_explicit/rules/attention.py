@@ -85,10 +85,14 @@ class AttentionRule(Rule):
         """For ``sinks='bos'``: whether this thread's forward pass starts with the BOS token (``None``: unknown)."""
         self._first_token.is_bos = value
 
+    def first_token_decision(self) -> bool | None:
+        """What :meth:`first_token_is_bos` last set in this thread (``None``: unknown)."""
+        return getattr(self._first_token, "is_bos", None)
+
     def _resolved_sinks(self):
         if self.sinks != BOS:
             return self.sinks
-        is_bos = getattr(self._first_token, "is_bos", None)
+        is_bos = self.first_token_decision()
         if is_bos is None and not torch.is_grad_enabled():
             return None  # no relevance to compute (generation with a cache): the forward pass is the same
         if is_bos is None:
