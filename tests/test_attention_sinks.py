@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny_models as tm
 import torch
@@ -415,3 +416,53 @@ def test_gate_paths_agree_with_the_reference(case):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-9, atol=1e-12)
     if mask is not None:  # the second prompt's padding and its sink (key 2, a bias): no value relevance
         assert float(leaves[2].grad[1, :, :3].abs().sum()) == 0.0 and float(leaves[2].grad[1, :, 3:].abs().sum()) > 0
+
+
+def test_sink_occlusion_benchmark_smoke(tmp_path):
+    from conftest import skip_without_smollm2
+
+    skip_without_smollm2()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sink_occlusion
+
+    assert sink_occlusion.main(["--smoke", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "sink_occlusion.json").read_text())
+    assert (tmp_path / "sink_occlusion.md").read_text() == sink_occlusion.report(results)
+    assert set(results["sets"]) == set(sink_occlusion.SETS)
+    for kind, rows in results["rows"].items():
+        assert len(rows) == 2 and results["sets"][kind]["items"] == 2
+        for row in rows:
+            assert row["drop_largest"] >= max(row["drop_answer"], row["drop_last"])
+            for entry in row["methods"].values():
+                assert -1.0 <= entry["spearman"] <= 1.0 and entry["rank_answer"] >= 1
+        # the paper's rules against themselves: no difference; the others carry their paired difference
+        assert set(results["sets"][kind]["methods"]) == set(sink_occlusion.METHODS)
+        assert "spearman_minus_attnlrp" not in results["sets"][kind]["methods"]["attnlrp"]
+
+
+def test_sink_occlusion_ranks_and_roles_by_hand():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sink_occlusion
+
+    values = np.array([0.5, 2.0, -1.0, 2.0])
+    assert [sink_occlusion.rank_among(values, i) for i in range(4)] == [3, 1, 4, 1]
+    rows = [{"largest_drop_role": role, "drop_answer": a, "drop_last": b, "drop_largest": c,
+             "methods": {name: {"spearman": rho + (0.1 if name == "cp_lrp" else 0.0), "rank_answer": 1,
+                                "rank_largest_drop": 2, "rank_last": 3, "share_last": 0.25}
+                         for name in sink_occlusion.METHODS}}
+            for role, a, b, c, rho in (("answer", 3.0, 1.0, 3.0, 0.5), ("other", 1.0, 2.0, 4.0, 0.7))]
+    summary = sink_occlusion.summarize(rows, resamples=100)
+    assert summary["largest_drop_role"] == {"answer": 1, "last token": 0, "other": 1}
+    assert summary["drop_answer"] == 2.0 and summary["drop_largest"] == 3.5
+    assert summary["methods"]["attnlrp"]["spearman"][0] == pytest.approx(0.6)
+    assert summary["methods"]["cp_lrp"]["spearman_minus_attnlrp"][0] == pytest.approx(0.1)
+
+
+def test_committed_sink_occlusion_report_is_generated_from_the_json():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sink_occlusion
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "sink_occlusion.json").read_text())
+    assert (ROOT / "benchmarks" / "results" / "sink_occlusion.md").read_text() == sink_occlusion.report(results)
+    assert results["model"] == "gemma3" and set(results["sets"]) == set(sink_occlusion.SETS)
+    assert all(s["items"] >= 10 for s in results["sets"].values())
