@@ -41,7 +41,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from lxt_explicit import attnlrp, cp_lrp, evaluate  # noqa: E402
 from lxt_explicit.evaluate import baselines  # noqa: E402
-from lxt_explicit.evaluate.statistics import bootstrap, paired_difference  # noqa: E402
+from lxt_explicit.evaluate.statistics import Interval, bootstrap, paired_difference  # noqa: E402
 from lxt_explicit.sinks import text_positions  # noqa: E402
 
 SETS = ("reading", "entities", "induction", "lookup")
@@ -53,11 +53,6 @@ METHODS = {
     "cp_lrp": ("CP-LRP", cp_lrp),
 }
 ROLES = ("answer", "last token", "other")
-
-
-def rank_among(values: np.ndarray, index: int) -> int:
-    """1-based rank of ``values[index]`` (largest first)."""
-    return int((values > values[index]).sum()) + 1
 
 
 def score_item(model, tokenizer, model_name: str, item) -> dict | None:
@@ -82,12 +77,11 @@ def score_item(model, tokenizer, model_name: str, item) -> dict | None:
            "drop_largest": float(drops[largest]), "methods": {}}
     for name, (_, factory) in METHODS.items():
         relevance = baselines.lrp(model, ids, target, composite=factory()).double().numpy()[text]
-        best_answer = min(rank_among(relevance, a) for a in answer)
         row["methods"][name] = {
             "spearman": float(spearmanr(relevance, drops).statistic),
-            "rank_answer": best_answer,
-            "rank_largest_drop": rank_among(relevance, largest),
-            "rank_last": rank_among(relevance, last),
+            "rank_answer": sinks.rank_of(relevance, answer),
+            "rank_largest_drop": sinks.rank_of(relevance, [largest]),
+            "rank_last": sinks.rank_of(relevance, [last]),
             "share_last": float(abs(relevance[last]) / max(np.abs(relevance).sum(), 1e-30)),
         }
     return row
@@ -110,11 +104,6 @@ def summarize(rows: list[dict], resamples: int) -> dict:
             entry[key] = float(np.mean([r["methods"][name][key] for r in rows]))
         out["methods"][name] = entry
     return out
-
-
-def _interval(values, signed=False) -> str:
-    sign = "+" if signed else ""
-    return f"{values[0]:{sign}.3f} [{values[1]:{sign}.3f}, {values[2]:{sign}.3f}]"
 
 
 def report(results: dict) -> str:
@@ -140,8 +129,8 @@ def report(results: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for kind, s in results["sets"].items():
         for name, m in s["methods"].items():
-            difference = _interval(m["spearman_minus_attnlrp"], signed=True) if "spearman_minus_attnlrp" in m else ""
-            lines.append(f"| {kind} | {METHODS[name][0]} | {_interval(m['spearman'])} | {difference} "
+            difference = Interval(*m["spearman_minus_attnlrp"]).format(signed=True) if name != "attnlrp" else ""
+            lines.append(f"| {kind} | {METHODS[name][0]} | {Interval(*m['spearman']).format()} | {difference} "
                          f"| {m['rank_answer']:.2f} | {m['rank_largest_drop']:.2f} | {m['rank_last']:.2f} "
                          f"| {m['share_last']:.3f} |")
     return "\n".join(lines) + "\n"

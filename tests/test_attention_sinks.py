@@ -444,8 +444,9 @@ def test_sink_occlusion_ranks_and_roles_by_hand():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import sink_occlusion
 
-    values = np.array([0.5, 2.0, -1.0, 2.0])
-    assert [sink_occlusion.rank_among(values, i) for i in range(4)] == [3, 1, 4, 1]
+    values = np.array([0.5, 2.0, -1.0, 2.0])  # ranks as the benchmark takes them (sinks.rank_of), ties shared
+    assert [sink_occlusion.sinks.rank_of(values, [i]) for i in range(4)] == [3, 1, 4, 1]
+    assert sink_occlusion.sinks.rank_of(values, [0, 2]) == 3  # the best of several answer positions
     rows = [{"largest_drop_role": role, "drop_answer": a, "drop_last": b, "drop_largest": c,
              "methods": {name: {"spearman": rho + (0.1 if name == "cp_lrp" else 0.0), "rank_answer": 1,
                                 "rank_largest_drop": 2, "rank_last": 3, "share_last": 0.25}
